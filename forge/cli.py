@@ -1,0 +1,172 @@
+"""The `forge` command: run, status, stages, clean, config."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from forge.config import ConfigError, LoadedConfig, load_config, reference_markdown
+from forge.pipeline import Pipeline, PipelineError, StageNotBuilt
+from forge.stages import all_stages
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Config file (default: ./forge.yaml if present).")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: --set train.lr=1e-4 (repeatable).")
+]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]forge:[/bold red] {message}")
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is a complete one-line explanation for the user."""
+    from forge.models.resolve import BaseModelError
+
+    errors: list[type[BaseException]] = [ConfigError, PipelineError, BaseModelError]
+    try:
+        from forge.data import DataError
+    except ImportError:
+        pass
+    else:
+        errors.append(DataError)
+    return tuple(errors)
+
+
+def _pipeline(config: Path | None, overrides: list[str] | None) -> Pipeline:
+    try:
+        loaded: LoadedConfig = load_config(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    return Pipeline(loaded, all_stages(), log=console.print)
+
+
+@app.command()
+def run(
+    to: Annotated[str, typer.Option("--to", help="Last stage to run (with everything it needs).")] = "ollama",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: Annotated[
+        list[str] | None, typer.Option("--force", help="Re-run this stage and what follows.")
+    ] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Recheck cached outputs' sha256 digests.")] = False,
+) -> None:
+    """Run the pipeline up to a stage; cached stages are skipped, stale ones re-run."""
+    pipe = _pipeline(config, set_)
+    console.print(f"[dim]config: {pipe.loaded.source} · run folder: {pipe.run_dir}[/dim]")
+    try:
+        pipe.run(to, set(force or []), verify)
+    except StageNotBuilt as exc:
+        _fail(str(exc), code=2)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; finished stages are kept and the next run resumes", code=130)
+    console.print(f"[bold green]done[/bold green]: {to} is up to date in {pipe.run_dir}")
+
+
+@app.command()
+def status(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Recheck sha256 digests of cached outputs.")
+    ] = False,
+) -> None:
+    """Show each stage's state (cached, stale, missing), fingerprint, size and time taken."""
+    pipe = _pipeline(config, set_)
+    try:
+        plans = pipe.plan(verify=verify)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    table = Table(title=f"{pipe.run_dir}", title_justify="left")
+    for col in ("stage", "state", "fingerprint", "size", "time", "note"):
+        table.add_column(col)
+    colours = {"cached": "green", "stale": "yellow", "missing": "dim"}
+    for p in plans:
+        m = p.manifest or {}
+        size = sum(f["size"] for f in m.get("files", [])) if m else 0
+        note = p.reason if p.state != "cached" else m.get("summary", {}).get("line", "")
+        if not p.stage.built:
+            note = "not built yet"
+        table.add_row(
+            p.stage.name,
+            f"[{colours[p.state]}]{p.state}[/{colours[p.state]}]",
+            p.fingerprint[:12],
+            _human(size) if m else "",
+            f"{m['seconds']:.1f}s" if m else "",
+            note,
+        )
+    console.print(table)
+
+
+@app.command()
+def stages() -> None:
+    """List the stages in order with what each needs."""
+    table = Table()
+    for col in ("#", "stage", "needs", "built"):
+        table.add_column(col)
+    for i, s in enumerate(all_stages(), 1):
+        table.add_row(str(i), s.name, ", ".join(s.needs) or "-", "yes" if s.built else "not yet")
+    console.print(table)
+
+
+@app.command()
+def clean(
+    stage: Annotated[
+        str | None, typer.Argument(help="Stage to remove with everything downstream (default: all).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Remove a stage's output and everything that depends on it (or the whole run folder)."""
+    pipe = _pipeline(config, set_)
+    try:
+        removed = pipe.clean(stage)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    console.print(f"removed: {', '.join(removed) or 'nothing'}")
+
+
+@app.command("config")
+def config_cmd(
+    show: Annotated[bool, typer.Option("--show", help="Print the effective config as YAML.")] = True,
+    reference: Annotated[
+        bool, typer.Option("--reference", help="Print every key with its default and meaning.")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print the effective config (file + defaults + --set overrides), or the reference of all keys."""
+    if reference:
+        sys.stdout.write(reference_markdown())
+        return
+    pipe = _pipeline(config, set_)
+    if show:
+        sys.stdout.write(f"# effective config ({pipe.loaded.source})\n")
+        sys.stdout.write(yaml.safe_dump(pipe.loaded.config.model_dump(mode="json"), sort_keys=False))
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def main() -> None:
+    app()

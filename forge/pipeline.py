@@ -1,0 +1,385 @@
+"""The stage contract: fingerprints, atomic outputs with manifest.json, checked cache hits, locking, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forge.config import LoadedConfig, section_dump
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+class PipelineError(RuntimeError):
+    """A pipeline problem the user must act on (locked run folder, unknown stage, ...)."""
+
+
+class StageNotBuilt(PipelineError):
+    """The stage exists in the order but its implementation has not landed yet."""
+
+
+@dataclass
+class StageContext:
+    """What a stage's run() gets: the config, its inputs' output folders and where to write."""
+
+    loaded: LoadedConfig
+    out: Path
+    work: Path
+    inputs: dict[str, Path]
+    fingerprint: str
+    log: Callable[[str], None]
+
+    @property
+    def config(self):
+        return self.loaded.config
+
+
+class Stage:
+    """One step of the pipeline. Subclasses set name/version/needs/config_keys and implement run()."""
+
+    name: str = ""
+    version: int = 1
+    needs: tuple[str, ...] = ()
+    config_keys: tuple[str, ...] = ()
+    built: bool = True
+
+    def external_inputs(self, loaded: LoadedConfig) -> dict[str, str]:
+        """Digests of inputs outside the pipeline (dataset files, a model file), keyed by what they are."""
+        return {}
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        """Write the outputs into ctx.out; return a summary (its 'line' is printed, all goes in the manifest)."""
+        raise StageNotBuilt(f"stage '{self.name}' is not built yet")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def config_part(stage: Stage, loaded: LoadedConfig) -> dict[str, Any]:
+    return {key: section_dump(loaded.config, key) for key in stage.config_keys}
+
+
+def fingerprint(stage: Stage, loaded: LoadedConfig, upstream: dict[str, str]) -> str:
+    """hash(name, version, config part, fingerprints of what it needs, external input digests)."""
+    return stable_hash(
+        {
+            "stage": stage.name,
+            "version": stage.version,
+            "config": config_part(stage, loaded),
+            "needs": {n: upstream[n] for n in stage.needs},
+            "external": stage.external_inputs(loaded),
+        }
+    )
+
+
+def list_files(root: Path, digests: bool = True) -> list[dict[str, Any]]:
+    """Every file under root except the manifest, with size (and sha256)."""
+    rows = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        row: dict[str, Any] = {"path": path.relative_to(root).as_posix(), "size": path.stat().st_size}
+        if digests:
+            row["sha256"] = sha256_file(path)
+        rows.append(row)
+    return rows
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((stage_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return None
+    return manifest
+
+
+def check_output(stage_dir: Path, manifest: dict[str, Any], verify: bool = False) -> str | None:
+    """None when every recorded file is present with its size (and digest when verify); else why not."""
+    for row in manifest.get("files", []):
+        path = stage_dir / row["path"]
+        if not path.is_file():
+            return f"{row['path']} is missing"
+        if path.stat().st_size != row["size"]:
+            return f"{row['path']} changed size"
+        if verify and sha256_file(path) != row["sha256"]:
+            return f"{row['path']} changed content"
+    return None
+
+
+@dataclass
+class StagePlan:
+    """What the pipeline knows about one stage now: its fingerprint and whether its output is a valid hit."""
+
+    stage: Stage
+    fingerprint: str
+    state: str  # cached | stale | missing
+    reason: str
+    manifest: dict[str, Any] | None = None
+
+
+@dataclass
+class Pipeline:
+    """The ordered stages of one run folder."""
+
+    loaded: LoadedConfig
+    stages: list[Stage]
+    log: Callable[[str], None] = print
+    _by_name: dict[str, Stage] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {s.name: s for s in self.stages}
+
+    @property
+    def run_dir(self) -> Path:
+        return self.loaded.run_dir
+
+    def stage(self, name: str) -> Stage:
+        if name not in self._by_name:
+            raise PipelineError(f"unknown stage '{name}' (stages: {', '.join(self._by_name)})")
+        return self._by_name[name]
+
+    def closure(self, target: str) -> list[Stage]:
+        """The target and everything it needs, in pipeline order."""
+        wanted: set[str] = set()
+        todo = [self.stage(target).name]
+        while todo:
+            name = todo.pop()
+            if name not in wanted:
+                wanted.add(name)
+                todo.extend(self.stage(name).needs)
+        return [s for s in self.stages if s.name in wanted]
+
+    def downstream(self, names: set[str]) -> set[str]:
+        """The given stages and every stage that depends on one of them."""
+        result = set(names)
+        for s in self.stages:
+            if any(n in result for n in s.needs):
+                result.add(s.name)
+        return result
+
+    def plan(self, target: str | None = None, verify: bool = False) -> list[StagePlan]:
+        """Fingerprint and cache state of each stage up to target (all stages when None)."""
+        stages = self.closure(target) if target else self.stages
+        fps: dict[str, str] = {}
+        states: dict[str, str] = {}
+        plans = []
+        for stage in stages:
+            for need in stage.needs:
+                if need not in fps:  # a stage outside the closure, only when listing all
+                    raise PipelineError(f"stage '{stage.name}' needs '{need}' which comes after it")
+            fp = fingerprint(stage, self.loaded, fps)
+            fps[stage.name] = fp
+            stage_dir = self.run_dir / stage.name
+            manifest = read_manifest(stage_dir)
+            if manifest is None:
+                state, reason = "missing", "no output yet"
+            elif manifest.get("fingerprint") != fp:
+                changed = [n for n in stage.needs if states.get(n) != "cached"]
+                state = "stale"
+                reason = (
+                    f"{', '.join(changed)} will re-run" if changed else _what_changed(manifest, stage, self)
+                )
+            elif problem := check_output(stage_dir, manifest, verify):
+                state, reason = "stale", problem
+            else:
+                state, reason = "cached", "up to date"
+            states[stage.name] = state
+            plans.append(StagePlan(stage, fp, state, reason, manifest))
+        return plans
+
+    def run(self, target: str, force: set[str] | None = None, verify: bool = False) -> list[dict[str, Any]]:
+        """Run target and what it needs; cached stages are skipped. Returns the manifests in order."""
+        force = self.downstream({self.stage(n).name for n in (force or set())})
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.run_dir):
+            _sweep_temporaries(self.run_dir)
+            done: list[dict[str, Any]] = []
+            ran: set[str] = set()
+            for plan in self.plan(target, verify):
+                stage = plan.stage
+                rerun_needed = bool(ran & set(stage.needs))
+                if plan.state == "cached" and stage.name not in force and not rerun_needed:
+                    self.log(
+                        f"[dim]✓ {stage.name:<9} cached[/dim]  {plan.manifest.get('summary', {}).get('line', '')}"
+                    )
+                    done.append(plan.manifest)
+                    continue
+                if not stage.built:
+                    built = ", ".join(m["stage"] for m in done) or "none"
+                    raise StageNotBuilt(
+                        f"stage '{stage.name}' is not built yet; stopped after the stages that are ({built})"
+                    )
+                if plan.state == "stale":
+                    self.log(f"[yellow]↻ {stage.name:<9} stale: {plan.reason}[/yellow]")
+                manifest = self._execute(stage, plan.fingerprint)
+                ran.add(stage.name)
+                done.append(manifest)
+            return done
+
+    def _execute(self, stage: Stage, fp: str) -> dict[str, Any]:
+        inputs = {n: self.run_dir / n for n in stage.needs}
+        tmp = self.run_dir / ".tmp" / f"{stage.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        work = self.run_dir / ".work" / f"{stage.name}-{fp[:16]}"
+        work.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(self.loaded, tmp, work, inputs, fp, self.log)
+        self.log(f"[bold]▶ {stage.name}[/bold]")
+        started = time.time()
+        try:
+            summary = stage.run(ctx) or {}
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        seconds = time.time() - started
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "stage": stage.name,
+            "version": stage.version,
+            "fingerprint": fp,
+            "config": config_part(stage, self.loaded),
+            "inputs": {n: read_manifest(p)["fingerprint"] for n, p in inputs.items()},
+            "external": stage.external_inputs(self.loaded),
+            "files": list_files(tmp),
+            "seconds": round(seconds, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": versions(),
+            "summary": summary,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _replace_dir(tmp, self.run_dir / stage.name)
+        shutil.rmtree(work, ignore_errors=True)
+        self.log(f"[green]✓ {stage.name:<9}[/green] {summary.get('line', '')} [dim]({seconds:.1f}s)[/dim]")
+        return manifest
+
+    def clean(self, stage: str | None = None) -> list[str]:
+        """Remove one stage's output and everything downstream of it (or the whole run folder)."""
+        with run_lock(self.run_dir):
+            names = self.downstream({self.stage(stage).name}) if stage else {s.name for s in self.stages}
+            removed = []
+            for s in self.stages:
+                if s.name in names and (self.run_dir / s.name).exists():
+                    shutil.rmtree(self.run_dir / s.name)
+                    removed.append(s.name)
+            if stage is None:
+                for extra in (".tmp", ".work"):
+                    shutil.rmtree(self.run_dir / extra, ignore_errors=True)
+            return removed
+
+
+def _what_changed(manifest: dict[str, Any], stage: Stage, pipe: Pipeline) -> str:
+    if manifest.get("version") != stage.version:
+        return "stage code changed"
+    if manifest.get("config") != config_part(stage, pipe.loaded):
+        old, new = manifest.get("config", {}), config_part(stage, pipe.loaded)
+        keys = _diff_keys(old, new)
+        return f"config changed: {', '.join(keys)}" if keys else "config changed"
+    if manifest.get("external") != stage.external_inputs(pipe.loaded):
+        old, new = manifest.get("external", {}), stage.external_inputs(pipe.loaded)
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"input changed: {', '.join(keys)}"
+    return "an input changed"
+
+
+def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = []
+        for k in sorted(set(old) | set(new)):
+            keys += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return keys
+    return [prefix.rstrip(".")] if old != new else []
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished output into place; an older output is moved aside first, then removed."""
+    if final.exists():
+        trash = final.parent / ".tmp" / f"old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def _sweep_temporaries(run_dir: Path) -> None:
+    """Remove what interrupted stages left half-written (only ever called while holding the lock)."""
+    shutil.rmtree(run_dir / ".tmp", ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One writer per run folder: a lock file naming the owner's pid; a dead owner's lock is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                owner = {}
+            pid = int(owner.get("pid", 0) or 0)
+            same_host = owner.get("host") == me["host"]
+            if pid and (not same_host or _pid_alive(pid)):
+                raise PipelineError(
+                    f"{run_dir} is in use by pid {pid} on {owner.get('host')} since {owner.get('since')}; "
+                    "wait for it or stop it"
+                ) from None
+            lock.unlink(missing_ok=True)  # its owner died: take over
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise PipelineError(f"{run_dir}: could not take the lock {lock}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Forge and the libraries whose behaviour shapes the outputs."""
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for dist in ("forge-llm", "torch", "transformers", "peft", "gguf", "llama-cpp-python", "bitsandbytes"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    found["platform"] = f"{sys.platform}-{platform.machine()}"
+    return found

@@ -1,0 +1,1 @@
+"""Ollama Modelfiles: chat template to Go template, stop tokens, parameters, validation."""

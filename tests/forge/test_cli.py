@@ -1,0 +1,64 @@
+"""The forge command as a user runs it, in a subprocess, on the real built-in model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FORGE = str(Path(sys.executable).parent / "forge")
+
+
+def forge(*args, cwd, timeout=600):
+    return subprocess.run([FORGE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_unknown_key_is_one_line_with_the_closest_key(tmp_path):
+    (tmp_path / "forge.yaml").write_text("data:\n  max_seq_lenn: 10\n")
+    result = forge("status", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "unknown key 'data.max_seq_lenn' (did you mean 'max_seq_len'?)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_show_prints_effective_config(tmp_path):
+    result = forge("config", "--show", "--set", "train.lr=3e-4", "--set", "run.name=exp", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "lr: 0.0003" in result.stdout and "name: exp" in result.stdout
+
+
+def test_stages_lists_all_nine_in_order(tmp_path):
+    result = forge("stages", cwd=tmp_path)
+    names = ["base", "data", "train", "merge", "gguf", "quantize", "eval", "ollama", "push"]
+    positions = [result.stdout.index(f" {n} ") for n in names]
+    assert positions == sorted(positions)
+
+
+def test_kill_during_a_stage_leaves_nothing_that_counts(tmp_path):
+    """SIGKILL while base writes its folder: no hit afterwards, the dead lock is taken over, the rerun works."""
+    proc = subprocess.Popen(
+        [FORGE, "run", "--to", "base"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    run_dir = tmp_path / "runs" / "default"
+    deadline = time.time() + 300
+    while not any((run_dir / ".tmp").glob("base-*/model/*")):
+        assert proc.poll() is None, "forge finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "base").exists()
+    assert json.loads((run_dir / ".lock").read_text())["pid"] == proc.pid  # the dead owner's lock remains
+
+    status = forge("status", cwd=tmp_path)
+    assert status.returncode == 0
+    assert "missing" in status.stdout.split("base", 1)[1].splitlines()[0]
+
+    rerun = forge("run", "--to", "base", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (run_dir / "base" / "manifest.json").is_file()
+    assert not any((run_dir / ".tmp").iterdir())
+    again = forge("run", "--to", "base", cwd=tmp_path)
+    assert "cached" in again.stdout
