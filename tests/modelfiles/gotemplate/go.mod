@@ -1,0 +1,3 @@
+module forge.test/gotemplate
+
+go 1.19
