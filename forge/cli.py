@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from forge.config import ConfigError, LoadedConfig, load_config, reference_markdown
@@ -28,7 +29,7 @@ SetOpt = Annotated[
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]forge:[/bold red] {message}")
+    err_console.print(f"[bold red]forge:[/bold red] {escape(message)}")
     raise typer.Exit(code)
 
 
