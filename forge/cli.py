@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from forge.config import ConfigError, LoadedConfig, load_config, reference_markdown
-from forge.pipeline import Pipeline, PipelineError, StageNotBuilt
+from forge.pipeline import Pipeline, PipelineError
 from forge.stages import all_stages
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -35,16 +35,15 @@ def _fail(message: str, code: int = 1) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is a complete one-line explanation for the user."""
+    from forge.converters import ConversionError
+    from forge.data import DataError
+    from forge.eval import EvalError
+    from forge.modelfiles import ModelfileError, StopTokenError, TemplateTranslationError
+    from forge.models.merge import MergeError
     from forge.models.resolve import BaseModelError
 
-    errors: list[type[BaseException]] = [ConfigError, PipelineError, BaseModelError]
-    try:
-        from forge.data import DataError
-    except ImportError:
-        pass
-    else:
-        errors.append(DataError)
-    return tuple(errors)
+    return (ConfigError, PipelineError, BaseModelError, DataError, MergeError, ConversionError, EvalError,
+            ModelfileError, StopTokenError, TemplateTranslationError)
 
 
 def _pipeline(config: Path | None, overrides: list[str] | None) -> Pipeline:
@@ -64,14 +63,15 @@ def run(
         list[str] | None, typer.Option("--force", help="Re-run this stage and what follows.")
     ] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Recheck cached outputs' sha256 digests.")] = False,
+    no_gate: Annotated[bool, typer.Option("--no-gate", help="Report eval thresholds but do not stop on them.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="push: list the uploads, send nothing.")] = False,
 ) -> None:
     """Run the pipeline up to a stage; cached stages are skipped, stale ones re-run."""
-    pipe = _pipeline(config, set_)
+    overrides = [*(set_ or []), *(["eval.gate=false"] if no_gate else []), *(["push.dry_run=true"] if dry_run else [])]
+    pipe = _pipeline(config, overrides)
     console.print(f"[dim]config: {pipe.loaded.source} · run folder: {pipe.run_dir}[/dim]")
     try:
         pipe.run(to, set(force or []), verify)
-    except StageNotBuilt as exc:
-        _fail(str(exc), code=2)
     except _user_errors() as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -101,8 +101,6 @@ def status(
         m = p.manifest or {}
         size = sum(f["size"] for f in m.get("files", [])) if m else 0
         note = p.reason if p.state != "cached" else m.get("summary", {}).get("line", "")
-        if not p.stage.built:
-            note = "not built yet"
         table.add_row(
             p.stage.name,
             f"[{colours[p.state]}]{p.state}[/{colours[p.state]}]",
@@ -118,10 +116,10 @@ def status(
 def stages() -> None:
     """List the stages in order with what each needs."""
     table = Table()
-    for col in ("#", "stage", "needs", "built"):
+    for col in ("#", "stage", "needs", "config keys"):
         table.add_column(col)
     for i, s in enumerate(all_stages(), 1):
-        table.add_row(str(i), s.name, ", ".join(s.needs) or "-", "yes" if s.built else "not yet")
+        table.add_row(str(i), s.name, ", ".join(s.needs) or "-", ", ".join(s.config_keys) or "-")
     console.print(table)
 
 

@@ -121,14 +121,29 @@ class EvalConfig(Section):
         description="Gate: allowed relative perplexity increase of each quant over the f16 GGUF.",
     )
     gate: bool = Field(True, description="Fail the stage when a threshold is missed.")
+    max_gguf_hf_gap: float = Field(
+        0.02,
+        ge=0.0,
+        description="Gate: allowed relative perplexity difference between the unquantized GGUF and the "
+        "merged HF model (catches conversion errors).",
+    )
+    max_eval_tokens: int = Field(
+        4096, gt=1, description="Held-out tokens every model is scored on (the first examples, in order)."
+    )
+    num_prompts: int = Field(
+        4, gt=0, description="Held-out conversations used as smoke-test prompts when eval.prompts is empty."
+    )
+    repeat_penalty: float = Field(
+        1.1, ge=1.0, description="Repeat penalty of the greedy smoke-test generations (Ollama's default)."
+    )
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads for llama.cpp and PyTorch (null: half the logical CPUs)."
+    )
 
 
 class OllamaConfig(Section):
     name: str | None = Field(None, description="Ollama model name (default: the run name).")
     quant: Quant = Field("q4_k_m", description="GGUF that `ollama create` uses.")
-    mode: Literal["merged", "adapter"] = Field(
-        "merged", description="Merged GGUF, or base GGUF + LoRA ADAPTER."
-    )
     template: str | None = Field(None, description="Go template that overrides the derived TEMPLATE.")
     system: str | None = Field(None, description="SYSTEM prompt written into the Modelfile.")
     parameters: dict[str, Any] = Field(
@@ -144,6 +159,16 @@ class PushConfig(Section):
     what: list[Literal["gguf", "modelfile", "adapter", "merged"]] = Field(
         ["gguf", "modelfile", "adapter"], description="What to upload."
     )
+    dry_run: bool = Field(
+        False, description="List what would be uploaded (path, size, sha256) in push.json; no network."
+    )
+    base_model: str | None = Field(
+        None, description="Hub id of the base model for the model card (null: derived from base.model)."
+    )
+    license: str | None = Field(
+        None, description="License id for the model card, e.g. apache-2.0 (null: the base model's)."
+    )
+    datasets: list[str] = Field([], description="Hub ids of the training datasets for the model card.")
 
 
 class ForgeConfig(Section):

@@ -27,10 +27,6 @@ class PipelineError(RuntimeError):
     """A pipeline problem the user must act on (locked run folder, unknown stage, ...)."""
 
 
-class StageNotBuilt(PipelineError):
-    """The stage exists in the order but its implementation has not landed yet."""
-
-
 @dataclass
 class StageContext:
     """What a stage's run() gets: the config, its inputs' output folders and where to write."""
@@ -54,7 +50,6 @@ class Stage:
     version: int = 1
     needs: tuple[str, ...] = ()
     config_keys: tuple[str, ...] = ()
-    built: bool = True
 
     def external_inputs(self, loaded: LoadedConfig) -> dict[str, str]:
         """Digests of inputs outside the pipeline (dataset files, a model file), keyed by what they are."""
@@ -62,7 +57,7 @@ class Stage:
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         """Write the outputs into ctx.out; return a summary (its 'line' is printed, all goes in the manifest)."""
-        raise StageNotBuilt(f"stage '{self.name}' is not built yet")
+        raise NotImplementedError
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -226,11 +221,6 @@ class Pipeline:
                     )
                     done.append(plan.manifest)
                     continue
-                if not stage.built:
-                    built = ", ".join(m["stage"] for m in done) or "none"
-                    raise StageNotBuilt(
-                        f"stage '{stage.name}' is not built yet; stopped after the stages that are ({built})"
-                    )
                 if plan.state == "stale":
                     self.log(f"[yellow]↻ {stage.name:<9} stale: {plan.reason}[/yellow]")
                 manifest = self._execute(stage, plan.fingerprint)
