@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from forge.data.shards import IGNORE_INDEX
+from forge.data.shards import IGNORE_INDEX, additive_mask
 
 
 def _activation_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
@@ -46,7 +46,7 @@ def causal_lm_loss(
         mask = mask.to(device)
         if mask.dtype == torch.bool and mask.dim() == 4:  # eager attention adds the mask: make it additive
             dtype = _activation_dtype(model, device)
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+            mask = additive_mask(mask, dtype)
     out = model(
         input_ids=batch["input_ids"].to(device),
         attention_mask=mask,

@@ -62,3 +62,45 @@ def test_kill_during_a_stage_leaves_nothing_that_counts(tmp_path):
     assert not any((run_dir / ".tmp").iterdir())
     again = forge("run", "--to", "base", cwd=tmp_path)
     assert "cached" in again.stdout
+
+
+def _rows(n: int) -> str:
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                      {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
+        for i in range(n)
+    ]
+    return "\n".join(json.dumps(r) for r in rows) + "\n"
+
+
+def test_data_is_cached_and_reruns_only_on_change(tmp_path):
+    (tmp_path / "chat.jsonl").write_text(_rows(40))
+    (tmp_path / "forge.yaml").write_text("data:\n  path: chat.jsonl\n")
+    run_dir = tmp_path / "runs" / "default"
+
+    first = forge("run", "--to", "data", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    made = json.loads((run_dir / "data" / "manifest.json").read_text())
+    base_made = json.loads((run_dir / "base" / "manifest.json").read_text())
+
+    second = forge("run", "--to", "data", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "base      cached" in second.stdout and "data      cached" in second.stdout
+    assert json.loads((run_dir / "data" / "manifest.json").read_text()) == made  # not rewritten
+
+    rows = (tmp_path / "chat.jsonl").read_text().replace("3 plus 3 is 6.", "3 plus 3 is six.")
+    (tmp_path / "chat.jsonl").write_text(rows)
+    edited = forge("run", "--to", "data", cwd=tmp_path)
+    assert edited.returncode == 0, edited.stderr
+    assert "base      cached" in edited.stdout
+    assert "data      stale: input changed" in edited.stdout
+    after_edit = json.loads((run_dir / "data" / "manifest.json").read_text())
+    assert after_edit["fingerprint"] != made["fingerprint"]
+    assert json.loads((run_dir / "base" / "manifest.json").read_text()) == base_made
+
+    shorter = forge("run", "--to", "data", "--set", "data.max_seq_len=48", cwd=tmp_path)
+    assert shorter.returncode == 0, shorter.stderr
+    assert "data      stale: config changed: data.max_seq_len" in shorter.stdout
+    stats = json.loads((run_dir / "data" / "stats.json").read_text())
+    assert json.loads((run_dir / "data" / "manifest.json").read_text())["fingerprint"] != after_edit["fingerprint"]
+    assert stats["truncated"] > 0

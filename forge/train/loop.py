@@ -1,0 +1,181 @@
+"""The training loop, top to bottom: resume, step, log, evaluate, stop early, checkpoint."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from forge.config import TrainConfig
+from forge.data.shards import IGNORE_INDEX, TokenSplit
+from forge.train.batches import BatchOrder, make_batch, sequence_length
+from forge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from forge.train.loss import count_targets, evaluate, summed_loss
+from forge.train.memory import activation_offload
+from forge.train.metrics import MetricsLog
+from forge.train.optim import make_optimizer, make_scheduler
+from forge.train.precision import Precision
+from forge.train.progress import TrainProgress
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class LoopState:
+    """The loop's counters; saved in every checkpoint, returned at the end."""
+
+    step: int = 0
+    total_steps: int = 0
+    tokens: int = 0  # input tokens trained on, padding excluded
+    target_tokens: int = 0  # tokens that carried a loss
+    train_seconds: float = 0.0  # time in optimizer steps, evaluation excluded
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    initial_eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    evals_since_best: int = 0
+    early_stopped: bool = False
+    resumed_from: int | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+def train_step(
+    model: torch.nn.Module,
+    micro_batches: list[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    max_grad_norm: float | None,
+    precision: Precision,
+    device: torch.device,
+    checkpointing: str,
+) -> tuple[float, float, int]:
+    """One optimizer step over the micro-batches: returns (loss per target token, grad norm, targets).
+
+    Each micro-batch's summed loss is divided by the target tokens of the whole accumulated batch, so the
+    gradient is that of one big batch whatever the split into micro-batches.
+    """
+    targets = sum(count_targets(b) for b in micro_batches)
+    total = 0.0
+    for batch in micro_batches:
+        with activation_offload(checkpointing, device):
+            loss_sum = summed_loss(model, batch, precision, device)
+            scaled = loss_sum / max(targets, 1)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += float(loss_sum.detach())
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / max(targets, 1), grad_norm, targets
+
+
+def train_loop(
+    model: torch.nn.Module,
+    train_split: TokenSplit,
+    eval_split: TokenSplit,
+    cfg: TrainConfig,
+    *,
+    precision: Precision,
+    device: torch.device,
+    pad_id: int,
+    work: Path,
+    log: Callable[[str], None],
+    checkpointing: str = "none",
+    run_id: str = "",
+    show_progress: bool = True,
+) -> LoopState:
+    """Train `model` on the split until cfg's steps are done or early stopping triggers.
+
+    Resumes from the newest checkpoint in `work/checkpoints` when there is one; writes metrics.jsonl and
+    TensorBoard events into `work`. `checkpointing` is the activation mode (offload wraps each step).
+    """
+    order = BatchOrder(len(train_split), cfg.batch_size, cfg.grad_accum, cfg.seed)
+    total = order.total_steps(cfg.epochs, cfg.max_steps)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total)
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
+
+    state = LoopState(total_steps=total)
+    latest = latest_checkpoint(work / CHECKPOINTS)
+    if latest is not None:
+        state = LoopState(**load_checkpoint(latest, model, optimizer, scheduler, scaler))
+        state.resumed_from = state.step
+        log(f"resuming from checkpoint {latest.name} (step {state.step} of {total})")
+
+    metrics = MetricsLog(work, state.resumed_from, cfg.wandb_project, run_id, cfg.model_dump(mode="json"), log)
+    has_eval = bool((eval_split.labels != IGNORE_INDEX).any())
+
+    def run_eval() -> None:
+        state.eval_loss = evaluate(model, eval_split, cfg.batch_size, pad_id, precision, device)
+        metrics.write({"step": state.step, "eval_loss": state.eval_loss})
+        log(f"step {state.step}/{total}: eval loss {state.eval_loss:.4f}")
+        if state.best_eval_loss is None or state.eval_loss < state.best_eval_loss:
+            state.best_eval_loss, state.evals_since_best = state.eval_loss, 0
+            return
+        state.evals_since_best += 1
+        patience = cfg.early_stopping_patience
+        if patience is not None and state.evals_since_best >= patience:
+            state.early_stopped = True
+            log(f"early stopping at step {state.step}: eval loss did not improve for {patience} evals")
+
+    if not has_eval:
+        log("eval split has no target tokens: no eval loss, no early stopping")
+    elif state.step == 0:
+        run_eval()
+        state.initial_eval_loss = state.eval_loss
+
+    model.train()
+    try:
+        with TrainProgress(total, state.step, show_progress) as bar:
+            while state.step < total and not state.early_stopped:
+                started = time.perf_counter()
+                indices = order.step(state.step)
+                micro_batches = [make_batch(train_split, idx, pad_id) for idx in indices]
+                lr = scheduler.get_last_lr()[0]
+                loss, grad_norm, targets = train_step(
+                    model, micro_batches, optimizer, scaler, cfg.max_grad_norm, precision, device, checkpointing
+                )
+                scheduler.step()
+                state.step += 1
+                state.train_loss = loss
+                state.target_tokens += targets
+                state.tokens += sum(sequence_length(train_split, i) for idx in indices for i in idx)
+                state.train_seconds += time.perf_counter() - started
+
+                if state.step % cfg.log_every == 0 or state.step == total:
+                    metrics.write(
+                        {
+                            "step": state.step,
+                            "epoch": round(order.epoch_at(state.step), 4),
+                            "loss": loss,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "tokens": state.tokens,
+                            "tokens_per_s": round(state.tokens_per_s, 1),
+                        }
+                    )
+                if has_eval and (state.step % cfg.eval_every == 0 or state.step == total):
+                    run_eval()
+                bar.update(state.step, loss, lr, state.tokens_per_s, state.eval_loss)
+                if state.step % cfg.save_every == 0 and state.step < total and not state.early_stopped:
+                    save_checkpoint(work / CHECKPOINTS, state.step, model, optimizer, scheduler, scaler, asdict(state))
+    except KeyboardInterrupt:
+        latest = latest_checkpoint(work / CHECKPOINTS)
+        where = f"checkpoint {latest.name}" if latest else "the start (no checkpoint yet)"
+        log(f"interrupted at step {state.step}; running the same command again resumes from {where}")
+        raise
+    finally:
+        metrics.close()
+    return state

@@ -1,0 +1,50 @@
+"""Token-level cross-entropy over (packed) batches, summed so callers can normalize over any token count."""
+
+from __future__ import annotations
+
+import torch
+
+from forge.data.shards import IGNORE_INDEX, TokenSplit
+from forge.models.loss import causal_lm_loss
+from forge.train.batches import make_batch
+from forge.train.precision import Precision
+
+
+def shifted_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The label each position predicts (the next token's), -100 where nothing is learned.
+
+    The first token of every example is never a target: in a packed sequence it would otherwise be
+    predicted from the previous example's last token.
+    """
+    targets = batch["labels"][:, 1:].clone()
+    targets[batch["position_ids"][:, 1:] == 0] = IGNORE_INDEX
+    return targets
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Number of tokens that carry a loss in this batch."""
+    return int((shifted_targets(batch) != IGNORE_INDEX).sum())
+
+
+def summed_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: Precision, device: torch.device
+) -> torch.Tensor:
+    """Sum of the cross-entropy over the batch's target tokens (a scalar with a graph), patched model or not."""
+    with precision.autocast(device):
+        return causal_lm_loss(model, batch, normalizer=1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, split: TokenSplit, batch_size: int, pad_id: int, precision: Precision, device: torch.device
+) -> float | None:
+    """Mean cross-entropy per target token over the whole split (None when it has no targets)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(split), batch_size):
+        batch = make_batch(split, list(range(start, min(start + batch_size, len(split)))), pad_id)
+        total += float(summed_loss(model, batch, precision, device))
+        tokens += count_targets(batch)
+    model.train(was_training)
+    return total / tokens if tokens else None
