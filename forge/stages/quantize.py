@@ -23,8 +23,14 @@ class QuantizeStage(Stage):
         rows = []
         for qtype in export.quants:
             result = quantize_gguf(source, ctx.out / f"model-{qtype}.gguf", qtype, nthread)
-            row = {**result.to_dict(), "file": f"model-{qtype}.gguf"}
-            row.pop("path", None)
+            row = {
+                "type": qtype,
+                "file": result.path.name,
+                "size": result.size_bytes,
+                "bits_per_weight": result.bits_per_weight,
+                "seconds": result.seconds,
+                "tensor_types": result.tensor_types,
+            }
             rows.append(row)
             ctx.log(
                 f"  {qtype}: {row['size'] / 2**20:.0f} MiB, {row['bits_per_weight']:.2f} bpw, {row['seconds']:.1f}s"

@@ -104,3 +104,31 @@ def test_data_is_cached_and_reruns_only_on_change(tmp_path):
     stats = json.loads((run_dir / "data" / "stats.json").read_text())
     assert json.loads((run_dir / "data" / "manifest.json").read_text())["fingerprint"] != after_edit["fingerprint"]
     assert stats["truncated"] > 0
+
+
+def test_run_to_ollama_end_to_end(tmp_path):
+    """The whole pipeline on the built-in model and data (a short training): Modelfiles that validate, a gate."""
+    from forge.modelfiles import validate
+
+    (tmp_path / "forge.yaml").write_text(
+        "train:\n  max_steps: 4\n  eval_every: 4\n  save_every: 4\neval:\n  max_eval_tokens: 2048\n"
+    )
+    result = forge("run", cwd=tmp_path, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "default"
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["gate"]["passed"], report["gate"]
+    for quant in ("q4_k_m", "q8_0"):
+        modelfile = run_dir / "ollama" / f"{quant}.Modelfile"
+        text = modelfile.read_text()
+        validate(text)
+        gguf = next(line.split(" ", 1)[1] for line in text.splitlines() if line.startswith("FROM "))
+        assert (modelfile.parent / gguf).resolve() == (run_dir / "quantize" / f"model-{quant}.gguf").resolve()
+        assert 'PARAMETER stop "<|im_end|>"' in text
+    command = json.loads((run_dir / "ollama" / "ollama.json").read_text())["command"]
+    assert command == f"ollama create default -f {run_dir / 'ollama' / 'q4_k_m.Modelfile'}"
+
+    again = forge("run", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    for stage in ("base", "data", "train", "merge", "gguf", "quantize", "eval", "ollama"):
+        assert f"{stage:<9} cached" in again.stdout
