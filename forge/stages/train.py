@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from forge.pipeline import Stage, StageContext
-from forge.train.recipe import run_training
 
 
 class TrainStage(Stage):
@@ -17,6 +16,9 @@ class TrainStage(Stage):
     config_keys = ("train",)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
+        # imported here: peft and bitsandbytes take seconds to load, and every `forge` command builds the stages
+        from forge.train.recipe import run_training
+
         return run_training(
             base_dir=ctx.inputs["base"] / "model",
             data_dir=ctx.inputs["data"],
