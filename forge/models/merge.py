@@ -80,10 +80,10 @@ def merge_into(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
     nf4 = bool(quant and quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit"))
     if quant and not nf4:
         raise MergeError(f"{base_dir}/config.json: cannot merge into a {quant.get('quant_method')} quantized base")
-    out_dir.mkdir(parents=True, exist_ok=True)
     shards = _shards(base_dir)
+    targets = _by_checkpoint_name(base_dir, shards, lora, adapter_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
-    used: set[str] = set()
     out_dtype = None
     for shard in shards:
         with safe_open(shard, "pt") as f:
@@ -97,11 +97,8 @@ def merge_into(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
                 plan.append((name, tensor_dtype, shape))
                 produce.append(name)
                 weight_map[name] = shard.name
-            tensors = (_merged_tensor(f, name, nf4, lora, used) for name in produce)
+            tensors = (_merged_tensor(f, name, nf4, targets) for name in produce)
             write_streaming(out_dir / shard.name, plan, tensors)
-    missing = sorted(set(lora) - used)
-    if missing:
-        raise MergeError(f"{adapter_dir}: adapter weights for {missing[0]} have no matching base weight")
     if len(shards) > 1:
         index = {"metadata": {}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -110,7 +107,7 @@ def merge_into(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     copy_side_files(base_dir, out_dir, skip=("config.json",))
     return {
-        "merged_modules": len(used),
+        "merged_modules": len(targets),
         "dequantized_nf4": nf4,
         "dtype": config.get("dtype") or config.get("torch_dtype"),
     }
@@ -121,6 +118,54 @@ def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
     for path in src.iterdir():
         if path.is_file() and path.name not in skip and not path.name.startswith("model") and path.suffix != ".bin":
             shutil.copyfile(path, dst / path.name)
+
+
+def _by_checkpoint_name(
+    base_dir: Path, shards: list[Path], lora: dict[str, LoraWeights], adapter_dir: Path
+) -> dict[str, LoraWeights]:
+    """The adapter's pairs keyed by the base checkpoint's tensor names.
+
+    PEFT names weights as the loaded model does. transformers renames some checkpoints' keys on load (Gemma 3
+    image-text checkpoints store language_model.model.* for the model's model.language_model.*); where the names
+    differ, they are mapped with transformers' own renaming rules for the model class.
+    """
+    names: set[str] = set()
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            names.update(f.keys())
+    if lora.keys() <= names:
+        return lora
+    model_names = _model_names(base_dir, names)
+    targets = {name: lora[model_name] for name, model_name in model_names.items() if model_name in lora}
+    missing = sorted(set(lora) - {model_names[name] for name in targets})
+    if missing:
+        raise MergeError(f"{adapter_dir}: adapter weights for {missing[0]} have no matching base weight")
+    return targets
+
+
+def _model_names(base_dir: Path, names: set[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the loaded model's name for it, for names transformers renames without
+    changing the tensor (an empty map when the model class cannot be built here)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    try:
+        config = AutoConfig.from_pretrained(base_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return {}
+    rules = get_model_conversion_mapping(model)
+    renamings = [rule for rule in rules if isinstance(rule, WeightRenaming)]
+    converters = [rule for rule in rules if not isinstance(rule, WeightRenaming)]
+    params = model.state_dict()
+    renamed = {}
+    for name in names:
+        model_name, converter = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
+        if converter is None:  # a converter fuses or splits tensors: no one-to-one name to merge into
+            renamed[name] = model_name
+    return renamed
 
 
 def _shards(base_dir: Path) -> list[Path]:
@@ -156,7 +201,7 @@ def _quant_state(f, name: str):
     return QuantState.from_dict(parts, device=torch.device("cpu"))
 
 
-def _merged_tensor(f, name: str, nf4: bool, lora: dict[str, LoraWeights], used: set[str]) -> torch.Tensor:
+def _merged_tensor(f, name: str, nf4: bool, lora: dict[str, LoraWeights]) -> torch.Tensor:
     if nf4 and _is_nf4_weight(f, name):
         from bitsandbytes.functional import dequantize_4bit
 
@@ -170,7 +215,6 @@ def _merged_tensor(f, name: str, nf4: bool, lora: dict[str, LoraWeights], used: 
     expected = (pair.b.shape[0], pair.a.shape[1])
     if tuple(weight.shape) != expected:
         raise MergeError(f"adapter for {name} is {expected}, base weight is {tuple(weight.shape)}")
-    used.add(name)
     merged = weight.float() + pair.scale * (pair.b.float() @ pair.a.float())
     return merged.to(weight.dtype)
 

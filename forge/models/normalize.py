@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from forge.models.resolve import ResolvedBase
+from forge.models.sentencepiece_spaces import use_sentencepiece_spaces
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GGUF_DEFAULT_DTYPE = "float32"  # dequantized GGUF blocks are exact in fp32, not in 16 bits
@@ -29,11 +30,19 @@ MAX_SHARD = "2GB"
 def normalize_base(
     resolved: ResolvedBase, out: Path, dtype: str = "auto", trust_remote_code: bool = False
 ) -> dict[str, Any]:
-    """Write `out` as an HF folder with safetensors weights; return facts about what was written."""
+    """Write `out` as an HF folder with safetensors weights; return facts about what was written.
+
+    A Llama-style SentencePiece tokenizer is set to tokenize as SentencePiece and llama.cpp do
+    (forge.models.sentencepiece_spaces), so that training and the GGUF see the same tokens.
+    """
     out.mkdir(parents=True, exist_ok=True)
     if resolved.kind == "gguf":
-        return _from_gguf(resolved.path, out, GGUF_DEFAULT_DTYPE if dtype == "auto" else dtype)
-    return _from_folder(resolved.path, out, dtype, trust_remote_code)
+        facts = _from_gguf(resolved.path, out, GGUF_DEFAULT_DTYPE if dtype == "auto" else dtype)
+    else:
+        facts = _from_folder(resolved.path, out, dtype, trust_remote_code)
+    if use_sentencepiece_spaces(out, trust_remote_code):
+        facts["tokenizer"] = "SentencePiece spaces: a space before every text fragment, as llama.cpp"
+    return facts
 
 
 def _from_gguf(path: Path, out: Path, dtype: str) -> dict[str, Any]:

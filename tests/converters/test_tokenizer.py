@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import sentencepiece
 from forge.converters import ConversionError, convert_hf_to_gguf
 from forge.converters import pretokenizers as pre
 from transformers import AutoTokenizer
+
+from forge.models.normalize import normalize_base
+from forge.models.resolve import resolve_base
 
 from .tiny_models import PADDED_VOCAB, SMALL_VOCAB, build_tiny_model, read_back
 
@@ -124,7 +128,8 @@ def test_unknown_pre_tokenizer_is_refused_with_the_known_names(tiny_model, tmp_p
 
 @pytest.fixture(scope="session")
 def sentencepiece_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 400-piece SentencePiece BPE model with byte fallback, trained on a small mixed corpus."""
+    """A 400-piece SentencePiece BPE model with byte fallback, trained on a small mixed corpus; like Llama 2's and
+    Gemma's, it keeps whitespace as written (no NFKC, no merging of repeated spaces)."""
     root = tmp_path_factory.mktemp("spm")
     words = [
         "the",
@@ -169,8 +174,22 @@ def sentencepiece_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_id=2,
         pad_id=-1,
         minloglevel=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
     )
     return root / "tiny.model"
+
+
+# Llama 2's chat layout: BOS, then "[INST]" right after it, the answer, EOS
+LLAMA2_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+CHAT = [
+    {"role": "user", "content": " the quick fox?"},
+    {"role": "assistant", "content": "Привет, как дела"},
+    {"role": "user", "content": "import numpy"},
+]
 
 
 def spm_model_dir(kind: str, spm_model: Path, root: Path) -> Path:
@@ -188,6 +207,7 @@ def spm_model_dir(kind: str, spm_model: Path, root: Path) -> Path:
                 "unk_token": "<unk>",
                 "pad_token": "<unk>",
                 "add_bos_token": True,
+                "chat_template": LLAMA2_TEMPLATE,
             }
         )
     )
@@ -205,11 +225,35 @@ def test_sentencepiece_gemma_style_round_trips(sentencepiece_model: Path, tmp_pa
     assert_same_tokens(hf_dir, result.path, SAMPLES + ["<s> hello </s> world <unk>", "</s><s>x"])
 
 
+SPM_SPECIALS = re.compile("(<s>|</s>|<unk>)")
+LLAMA_STYLE_SAMPLES = [
+    *SAMPLES,
+    "<s> hello </s> world <unk>",
+    "</s><s>x",
+    "<s>[INST] What is 2 + 2? [/INST] 4</s><s>[INST]  twice? [/INST]",
+    " hello",
+    " ",
+    "a<s>b",
+]
+
+
+def sentencepiece_ids(spm_model: Path, text: str) -> list[int]:
+    """What SentencePiece itself (the tokenizer Llama 2 / Mistral were trained with) gives: the text between
+    special tokens encoded piece by piece, each with SentencePiece's leading space."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    parts = [p for p in SPM_SPECIALS.split(text) if p]
+    return [i for p in parts for i in ([sp.piece_to_id(p)] if SPM_SPECIALS.fullmatch(p) else sp.encode(p))]
+
+
 def test_sentencepiece_llama_style_round_trips(sentencepiece_model: Path, tmp_path: Path) -> None:
-    """Llama-style SentencePiece puts a space before the text. llama.cpp also puts one after every special
-    token and before a leading space, which transformers 5 does not (docs/converters.md), so the sample
-    here is plain text that does not start with a space."""
-    hf_dir = spm_model_dir("llama", sentencepiece_model, tmp_path)
+    """Llama-style SentencePiece puts a space before every text fragment: at the start, after each special
+    token, and before text that already starts with a space. llama.cpp does; transformers 5's LlamaTokenizer
+    does not (Metaspace "first"), so the base stage gives the folder SentencePiece's normalizer
+    (forge.models.sentencepiece_spaces). Then transformers, llama.cpp and SentencePiece agree token for token."""
+    source = spm_model_dir("llama", sentencepiece_model, tmp_path)
+    facts = normalize_base(resolve_base(str(source)), tmp_path / "base")
+    assert "SentencePiece spaces" in facts["tokenizer"]
+    hf_dir = tmp_path / "base"
     result = convert_hf_to_gguf(hf_dir, tmp_path / "llama.gguf")
     fields, _ = read_back(result.path)
     assert fields["tokenizer.ggml.add_space_prefix"] is True
@@ -217,4 +261,19 @@ def test_sentencepiece_llama_style_round_trips(sentencepiece_model: Path, tmp_pa
     assert types[tokens.index("<unk>")] == 2 and types[tokens.index("<s>")] == 3
     assert {types[i] for i, t in enumerate(tokens) if t.startswith("<0x")} == {6}  # byte-fallback tokens
     assert len(fields["tokenizer.ggml.scores"]) == len(tokens)
-    assert_same_tokens(hf_dir, result.path, [MULTILINGUAL, CODE, ENGLISH, WHITESPACE.lstrip()])
+    assert_same_tokens(hf_dir, result.path, LLAMA_STYLE_SAMPLES)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    for text in LLAMA_STYLE_SAMPLES:
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == sentencepiece_ids(sentencepiece_model, text)
+    assert tokenizer.decode(tokenizer(MULTILINGUAL)["input_ids"], skip_special_tokens=True) == MULTILINGUAL
+    # the chat as the data stage renders and tokenizes it is what llama.cpp reads
+    chat = tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert_same_tokens(hf_dir, result.path, [chat])
+    assert tokenizer(chat, add_special_tokens=False)["input_ids"] == sentencepiece_ids(sentencepiece_model, chat)
+    # the folder as transformers 5 wrote it (LlamaTokenizer, Metaspace "first") is what diverged
+    original = AutoTokenizer.from_pretrained(source)
+    assert original(chat, add_special_tokens=False)["input_ids"] != sentencepiece_ids(sentencepiece_model, chat)
+    # a SentencePiece GGUF as base.model: the folder made from it tokenizes as llama.cpp does with that GGUF
+    from_gguf = normalize_base(resolve_base(str(result.path)), tmp_path / "from-gguf")
+    assert "SentencePiece spaces" in from_gguf["tokenizer"]
+    assert_same_tokens(tmp_path / "from-gguf", result.path, [*LLAMA_STYLE_SAMPLES, chat])

@@ -138,9 +138,9 @@ def write_small_tokenizer(source_dir: Path, out: Path, size: int = SMALL_VOCAB) 
 
 
 def build_tiny_model(
-    case: str, out: Path, tokenizer_dir: Path, *, wide: bool = False, dtype: torch.dtype = torch.float16
+    case: str, out: Path, tokenizer_dir: Path | None, *, wide: bool = False, dtype: torch.dtype = torch.float16
 ) -> Path:
-    """Save a random-init model of `case` in `dtype` with the tokenizer of `tokenizer_dir`.
+    """Save a random-init model of `case` in `dtype` with the tokenizer of `tokenizer_dir` (None: no tokenizer).
 
     `wide` makes the rows 256 long, so that llama.cpp's k-quants apply instead of their fallbacks.
     """
@@ -162,12 +162,11 @@ def build_tiny_model(
             elif name.endswith("bias"):
                 p.normal_(0, 0.5)  # HF initializes biases to zero, which would hide a dropped bias
     model.to(dtype).save_pretrained(out)
-    for f in tokenizer_dir.iterdir():
-        shutil.copyfile(f, out / f.name)
+    _copy_tokenizer(tokenizer_dir, out)
     return out
 
 
-def build_tiny_gemma3_multimodal(out: Path, tokenizer_dir: Path) -> Path:
+def build_tiny_gemma3_multimodal(out: Path, tokenizer_dir: Path | None, dtype: torch.dtype = torch.float16) -> Path:
     """A Gemma 3 image-text checkpoint (Gemma3ForConditionalGeneration): the converter takes its text tower."""
     _, _, overrides = TINY_CASES["gemma3"]
     # real Gemma 3 sets no final soft-cap, and transformers' image-text class ignores one (its text class not)
@@ -190,10 +189,14 @@ def build_tiny_gemma3_multimodal(out: Path, tokenizer_dir: Path) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name and "vision" not in name:
                 p.normal_(0.0, 0.1)
-    model.to(torch.float16).save_pretrained(out)
-    for f in tokenizer_dir.iterdir():
-        shutil.copyfile(f, out / f.name)
+    model.to(dtype).save_pretrained(out)
+    _copy_tokenizer(tokenizer_dir, out)
     return out
+
+
+def _copy_tokenizer(tokenizer_dir: Path | None, out: Path) -> None:
+    for f in tokenizer_dir.iterdir() if tokenizer_dir else ():
+        shutil.copyfile(f, out / f.name)
 
 
 def chat_token_ids(hf_dir: Path) -> list[int]:
