@@ -1,6 +1,6 @@
 """Ollama Modelfiles: chat template to Go template, stop tokens, parameters, validation."""
 
-from .build import BuiltModelfile, modelfile_for_gguf
+from .build import OLLAMA_ENGINE_ARCHITECTURES, BuiltModelfile, modelfile_for_gguf
 from .chat_format import ChatFormat
 from .gguf_info import GGUFChatInfo, read_gguf_chat_info
 from .modelfile import Modelfile, ModelfileError, parse_modelfile, render_modelfile, validate
@@ -9,6 +9,7 @@ from .stops import StopTokenError, stop_tokens
 from .translate import ChatTranslation, TemplateTranslationError, jinja_to_go_template, translate_chat_template
 
 __all__ = [
+    "OLLAMA_ENGINE_ARCHITECTURES",
     "PARAMETER_TYPES",
     "BuiltModelfile",
     "ChatFormat",

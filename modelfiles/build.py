@@ -7,10 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .gguf_info import GGUFChatInfo, read_gguf_chat_info
-from .modelfile import Modelfile, render_modelfile, validate
+from .modelfile import Modelfile, ModelfileError, render_modelfile, validate
 from .parameters import check_parameter
 from .stops import stop_tokens
 from .translate import ChatTranslation, TemplateTranslationError, translate_chat_template
+
+# GGUF architectures Ollama runs on its own engine instead of llama.cpp (Ollama's OllamaEngineRequired list);
+# that engine refuses an ADAPTER when the model loads ("loras are not yet implemented").
+OLLAMA_ENGINE_ARCHITECTURES = frozenset({
+    "bert", "deepseek2", "deepseekocr", "gemma3", "gemma3n", "gemma4", "gptoss", "gpt-oss", "llama4", "mistral3",
+    "mllama", "nomic-bert", "olmo3", "qwen25vl", "qwen3", "qwen3moe", "qwen35", "qwen35moe", "qwen3next", "qwen3vl",
+    "qwen3vlmoe", "glm4moelite", "glmocr", "lfm2", "lfm2moe",
+})
 
 
 @dataclass(frozen=True)
@@ -39,13 +47,17 @@ def modelfile_for_gguf(gguf: str | Path, *, model: str, system: str | None = Non
                        info: GGUFChatInfo | None = None) -> BuiltModelfile:
     """The Modelfile serving gguf as `FROM model` (a path relative to the Modelfile, e.g. ./model-q4_k_m.gguf).
 
-    With adapter (e.g. ./adapter.gguf) gguf is the base model and the LoRA GGUF is applied over it.
+    With adapter (e.g. ./adapter.gguf) gguf is the base model and the LoRA GGUF is applied over it; refused for
+    architectures Ollama runs on its own engine, which does not load adapters (OLLAMA_ENGINE_ARCHITECTURES).
     template overrides the translation of the GGUF's chat template; stop tokens always come from the
     GGUF's chat template and vocabulary. parameters are user PARAMETERs (temperature, top_p, …) checked by
     name and type. info saves reading the GGUF again. Raises TemplateTranslationError, StopTokenError,
     ModelfileError or ValueError with a one-line reason.
     """
     info = info or read_gguf_chat_info(gguf)
+    if adapter is not None and info.architecture in OLLAMA_ENGINE_ARCHITECTURES:
+        raise ModelfileError(f"Ollama runs {info.architecture} models on its own engine, which does not load LoRA "
+                             "adapters (\"loras are not yet implemented\"); use the merged GGUF", source=str(gguf))
     if info.chat_template is None:
         raise TemplateTranslationError(f"{gguf}: the GGUF has no tokenizer.chat_template to take the chat format "
                                        "and its stop tokens from")

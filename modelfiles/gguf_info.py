@@ -15,13 +15,15 @@ class GGUFChatInfo:
     """The tokenizer facts of a GGUF that shape its chat prompt.
 
     special_tokens are the texts of its control and user-defined tokens; template_variables are the
-    token texts a chat template may read (bos_token, eos_token, unk_token, pad_token).
+    token texts a chat template may read (bos_token, eos_token, unk_token, pad_token); architecture is
+    general.architecture (None when the file has none).
     """
 
     chat_template: str | None
     add_bos_token: bool
     special_tokens: frozenset[str]
     template_variables: dict[str, str]
+    architecture: str | None = None
 
     @property
     def bos_token(self) -> str:
@@ -59,4 +61,5 @@ def read_gguf_chat_info(path: str | Path) -> GGUFChatInfo:
         add_bos_token=add_bos,
         special_tokens=frozenset(t for t, kind in zip(tokens, types, strict=True) if kind in _SPECIAL_TYPES),
         template_variables=variables,
+        architecture=fields[Keys.General.ARCHITECTURE].contents() if Keys.General.ARCHITECTURE in fields else None,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -61,6 +62,16 @@ def test_adapter_mode_puts_the_lora_over_the_exact_base(families, tmp_path) -> N
     built = modelfile_for_gguf(base, model="./base-f16.gguf", adapter="./adapter-f16.gguf")
     assert built.text.splitlines()[3:5] == ["FROM ./base-f16.gguf", "ADAPTER ./adapter-f16.gguf"]
     assert validate(built.text).adapter == "./adapter-f16.gguf"
+
+
+def test_adapter_mode_is_refused_where_ollama_cannot_load_adapters(families, tmp_path) -> None:
+    base = families["chatml"].write_gguf(tmp_path / "base-f16.gguf")
+    info = read_gguf_chat_info(base)
+    assert info.architecture == "llama"
+    qwen3 = dataclasses.replace(info, architecture="qwen3")  # Ollama runs qwen3 on its own engine
+    with pytest.raises(ModelfileError, match=r"runs qwen3 models on its own engine, .* use the merged GGUF"):
+        modelfile_for_gguf(base, model="./base-f16.gguf", adapter="./adapter-f16.gguf", info=qwen3)
+    assert modelfile_for_gguf(base, model="./model-q4_k_m.gguf", info=qwen3).modelfile.adapter is None
 
 
 def test_system_prompt_is_refused_when_the_template_refuses_system_messages(families, tmp_path) -> None:
