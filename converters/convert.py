@@ -18,21 +18,29 @@ from .safetensors_io import index_safetensors
 from .tensors import FILE_TYPES, OUT_TYPES, PlannedTensor, plan_tensors
 from .tokenizer import Vocab, read_vocab
 
-# metadata keys a caller may set -> GGUFWriter method (all under general.*)
+# short metadata names a caller may use -> their general.* key
 GENERAL_METADATA = {
-    "name": "add_name",
-    "basename": "add_basename",
-    "finetune": "add_finetune",
-    "description": "add_description",
-    "author": "add_author",
-    "organization": "add_organization",
-    "version": "add_version",
-    "license": "add_license",
-    "url": "add_url",
-    "source_url": "add_source_url",
-    "size_label": "add_size_label",
-    "quantized_by": "add_quantized_by",
+    "name": gguf.Keys.General.NAME,
+    "basename": gguf.Keys.General.BASENAME,
+    "finetune": gguf.Keys.General.FINETUNE,
+    "description": gguf.Keys.General.DESCRIPTION,
+    "author": gguf.Keys.General.AUTHOR,
+    "organization": gguf.Keys.General.ORGANIZATION,
+    "version": gguf.Keys.General.VERSION,
+    "license": gguf.Keys.General.LICENSE,
+    "url": gguf.Keys.General.URL,
+    "source_url": gguf.Keys.General.SOURCE_URL,
+    "size_label": gguf.Keys.General.SIZE_LABEL,
+    "quantized_by": gguf.Keys.General.QUANTIZED_BY,
 }
+# keys the converter writes itself; a caller's metadata may not set them (nor tokenizer.* or {arch}.* keys)
+RESERVED_KEYS = (
+    gguf.Keys.General.ARCHITECTURE,
+    gguf.Keys.General.FILE_TYPE,
+    gguf.Keys.General.QUANTIZATION_VERSION,
+    gguf.Keys.General.ALIGNMENT,
+)
+MetadataValue = str | bool | int | float | list[str]
 
 PHI3_RULE_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
 
@@ -58,13 +66,15 @@ class ConvertResult:
 
 
 def convert_hf_to_gguf(
-    hf_dir: Path, out_path: Path, out_type: str = "f16", metadata: dict[str, str] | None = None
+    hf_dir: Path, out_path: Path, out_type: str = "f16", metadata: dict[str, MetadataValue] | None = None
 ) -> ConvertResult:
     """Convert the HF model folder `hf_dir` (config, tokenizer, safetensors) into one GGUF file.
 
     `out_type` is the type of the 2-D weights: f16 (default), bf16 or f32; norms, biases and rope factors are
-    always f32. `metadata` sets general.* keys (name, author, license, ...). The file is written under a
-    temporary name next to `out_path` and renamed when complete.
+    always f32. `metadata` adds keys: short names set general.* strings (name, author, license, ...); full keys
+    (`general.base_model.count`, `forge.dataset.sha256`, ...) take str, bool, int (uint32, or int64 when out of
+    its range), float (float32) or a list of str. The file is written under a temporary name next to
+    `out_path` and renamed when complete.
     """
     start = time.perf_counter()
     hf_dir, out_path = Path(hf_dir), Path(out_path)
@@ -72,10 +82,11 @@ def convert_hf_to_gguf(
         raise ConversionError(f"out_type {out_type!r} is not one of {', '.join(OUT_TYPES)}")
     general = _general_metadata(hf_dir, metadata or {})
     cfg = load_model_config(hf_dir)
+    _check_not_reserved(general, cfg.spec.arch_name)
     tensors = plan_tensors(cfg, index_safetensors(hf_dir), out_type)
     n_vocab = next(t.shape[0] for t in tensors if t.name == "token_embd.weight")
     vocab = read_vocab(hf_dir, n_vocab)
-    _check_name_against_vocab(general["name"], vocab)
+    _check_name_against_vocab(general[gguf.Keys.General.NAME], vocab)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
@@ -102,7 +113,7 @@ def convert_hf_to_gguf(
 def _write_gguf(
     path: Path,
     cfg: ModelConfig,
-    general: dict[str, str],
+    general: dict[str, MetadataValue],
     vocab: Vocab,
     file_type: gguf.LlamaFileType,
     tensors: list[PlannedTensor],
@@ -111,7 +122,7 @@ def _write_gguf(
     writer = gguf.GGUFWriter(path, cfg.spec.arch_name)
     try:
         for key, value in general.items():
-            getattr(writer, GENERAL_METADATA[key])(value)
+            writer.add_key_value(key, value, *_value_type(value))
         write_hparams(writer, cfg, len(vocab.tokens), file_type)
         vocab.write(writer)
         for t in tensors:
@@ -136,11 +147,43 @@ def _check_name_against_vocab(name: str, vocab: Vocab) -> None:
         )
 
 
-def _general_metadata(hf_dir: Path, metadata: dict[str, str]) -> dict[str, str]:
-    unknown = sorted(set(metadata) - set(GENERAL_METADATA))
+def _general_metadata(hf_dir: Path, metadata: dict[str, MetadataValue]) -> dict[str, MetadataValue]:
+    """The caller's metadata keyed by full GGUF key, general.name defaulting to the folder's name."""
+    unknown = sorted(k for k in metadata if "." not in k and k not in GENERAL_METADATA)
     if unknown:
-        raise ConversionError(f"metadata keys {unknown} are not supported; use: {', '.join(GENERAL_METADATA)}")
-    bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+        raise ConversionError(
+            f"metadata keys {unknown} are not supported; use: {', '.join(GENERAL_METADATA)} or a full key "
+            "(general.* or your own namespace, e.g. forge.version)"
+        )
+    keyed = {GENERAL_METADATA.get(k, k): v for k, v in metadata.items()}
+    bad = [k for k, v in keyed.items() if k in GENERAL_METADATA.values() and not isinstance(v, str)]
     if bad:
         raise ConversionError(f"metadata values must be strings: {bad}")
-    return {"name": hf_dir.resolve().name, **metadata}
+    for key, value in keyed.items():
+        _value_type(value, key)
+    return {gguf.Keys.General.NAME: hf_dir.resolve().name, **keyed}
+
+
+def _check_not_reserved(metadata: dict[str, MetadataValue], arch: str) -> None:
+    taken = sorted(k for k in metadata if k in RESERVED_KEYS or k.startswith(("tokenizer.", f"{arch}.")))
+    if taken:
+        raise ConversionError(f"metadata keys {taken} are written by the converter itself; leave them out")
+
+
+def _value_type(value: MetadataValue, key: str = "") -> tuple[gguf.GGUFValueType, ...]:
+    """The GGUF type of a metadata value (and of its items, for a list)."""
+    T = gguf.GGUFValueType
+    if isinstance(value, bool):
+        return (T.BOOL,)
+    if isinstance(value, int):
+        return (T.UINT32,) if 0 <= value < 2**32 else (T.INT64,)
+    if isinstance(value, float):
+        return (T.FLOAT32,)
+    if isinstance(value, str):
+        return (T.STRING,)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return T.ARRAY, T.STRING
+    raise ConversionError(
+        f"metadata {key!r}: a {type(value).__name__} is not a GGUF value (str, bool, int, float or a non-empty "
+        "list of str)"
+    )

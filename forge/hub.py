@@ -398,6 +398,8 @@ class CardFacts:
     eval_failures: list[str] = field(default_factory=list)
     eval_report: str | None = None
     private: bool = True
+    provenance: list[tuple[str, str]] = field(default_factory=list)  # from the GGUF's forge.* keys
+    train_config: str | None = None  # forge.train_config, as indented JSON
 
 
 METHOD_NAMES = {"lora": "LoRA", "rslora": "rsLoRA", "qlora": "QLoRA", "full": "full fine-tuning"}
@@ -443,7 +445,8 @@ def render_model_card(facts: CardFacts) -> str:
         f"A fine-tune of {base} ({method}), made with Forge and exported to GGUF for llama.cpp and Ollama.",
         "",
     ]
-    lines += _files_section(facts) + _run_section(facts) + _training_section(facts) + _eval_section(facts)
+    lines += _files_section(facts) + _run_section(facts) + _training_section(facts) + _provenance_section(facts)
+    lines += _eval_section(facts)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -525,6 +528,23 @@ def _training_section(facts: CardFacts) -> list[str]:
         lines += _table(("setting", "value"), facts.training)
     if facts.data:
         lines += _table(("data", "value"), facts.data)
+    return lines
+
+
+def _provenance_section(facts: CardFacts) -> list[str]:
+    if not facts.provenance and not facts.train_config:
+        return []
+    lines = [
+        "## Provenance",
+        "",
+        "The GGUF files carry these values in their metadata (`forge.*`, `general.base_model.*`, "
+        "`general.dataset.*`). Digests are sha256; a set of files is the sha256 of its `sha256sum` lines.",
+        "",
+    ]
+    if facts.provenance:
+        lines += _table(("what", "value"), facts.provenance)
+    if facts.train_config:
+        lines += ["Training config (`forge.train_config`):", "", "```json", facts.train_config, "```", ""]
     return lines
 
 

@@ -50,6 +50,8 @@ class Stage:
     version: int = 1
     needs: tuple[str, ...] = ()
     config_keys: tuple[str, ...] = ()
+    # keys inside config_keys that change how the stage runs, not what it writes: not fingerprinted
+    run_only_keys: tuple[str, ...] = ()
 
     def external_inputs(self, loaded: LoadedConfig) -> dict[str, str]:
         """Digests of inputs outside the pipeline (dataset files, a model file), keyed by what they are."""
@@ -73,10 +75,16 @@ def stable_hash(obj: Any) -> str:
 
 
 def config_part(stage: Stage, loaded: LoadedConfig) -> dict[str, Any]:
-    return {key: section_dump(loaded.config, key) for key in stage.config_keys}
+    part = {key: section_dump(loaded.config, key) for key in stage.config_keys}
+    for dotted in stage.run_only_keys:
+        section, _, key = dotted.rpartition(".")
+        part.get(section, {}).pop(key, None)
+    return part
 
 
-def fingerprint(stage: Stage, loaded: LoadedConfig, upstream: dict[str, str]) -> str:
+def fingerprint(
+    stage: Stage, loaded: LoadedConfig, upstream: dict[str, str], external: dict[str, str] | None = None
+) -> str:
     """hash(name, version, config part, fingerprints of what it needs, external input digests)."""
     return stable_hash(
         {
@@ -84,7 +92,7 @@ def fingerprint(stage: Stage, loaded: LoadedConfig, upstream: dict[str, str]) ->
             "version": stage.version,
             "config": config_part(stage, loaded),
             "needs": {n: upstream[n] for n in stage.needs},
-            "external": stage.external_inputs(loaded),
+            "external": stage.external_inputs(loaded) if external is None else external,
         }
     )
 
@@ -123,15 +131,84 @@ def check_output(stage_dir: Path, manifest: dict[str, Any], verify: bool = False
     return None
 
 
+@dataclass(frozen=True)
+class Change:
+    """One reason a stage will run.
+
+    kind: missing (no output), output (damaged: name says how), code (stage version), config (name: the key),
+    input (name: the external input, e.g. a dataset file; old/new: its digests), upstream (name: a stage that
+    will run first), remade (name: a stage whose output changed since), forced (name: the --force stage),
+    unknown (the fingerprint differs and the manifest does not say why).
+    """
+
+    kind: str
+    name: str = ""
+    old: Any = None
+    new: Any = None
+
+    def __str__(self) -> str:
+        """The change in full: a config key's old and new value, a file's old and new digest, ..."""
+        if self.kind == "code":
+            return f"stage code changed (version {self.old} -> {self.new})"
+        if self.kind == "config":
+            return f"config {self.name}: {json.dumps(self.old)} -> {json.dumps(self.new)}"
+        if self.kind == "input" and self.old is None:
+            return f"{self.name} added"
+        if self.kind == "input" and self.new is None:
+            return f"{self.name} removed"
+        if self.kind == "input":
+            return f"{self.name} changed (sha256 {str(self.old)[:12]} -> {str(self.new)[:12]})"
+        if self.kind == "upstream":
+            return f"{self.name} will run"
+        if self.kind == "remade":
+            return f"{self.name} was made again since this stage ran"
+        return SUMMARIES[self.kind].format(self.name)
+
+
+# each kind of change, shortest first, as `forge status` and the run log say it ({} = the names)
+SUMMARIES = {
+    "missing": "no output yet",
+    "output": "{}",
+    "code": "stage code changed",
+    "config": "config changed: {}",
+    "input": "input changed: {}",
+    "upstream": "{} will re-run",
+    "remade": "{} changed",
+    "unknown": "an input changed",
+    "forced": "forced by --force {}",
+}
+
+
 @dataclass
 class StagePlan:
-    """What the pipeline knows about one stage now: its fingerprint and whether its output is a valid hit."""
+    """What `forge run` would do with one stage now: its fingerprint, cache state and why it runs.
+
+    state: cached (a valid hit), stale (an output exists but will be replaced) or missing. `changes` says why a
+    stage is not cached (or is forced); `runs` is whether a run would execute it.
+    """
 
     stage: Stage
     fingerprint: str
-    state: str  # cached | stale | missing
-    reason: str
+    state: str
+    changes: list[Change] = field(default_factory=list)
     manifest: dict[str, Any] | None = None
+    external: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def runs(self) -> bool:
+        return bool(self.changes)
+
+    @property
+    def reason(self) -> str:
+        """One short line: what kinds of thing changed, naming the keys, files and stages."""
+        if not self.changes:
+            return "up to date"
+        parts = []
+        for kind, summary in SUMMARIES.items():
+            names = [c.name for c in self.changes if c.kind == kind]
+            if names:
+                parts.append(summary.format(", ".join(names)))
+        return "; ".join(parts)
 
 
 @dataclass
@@ -174,48 +251,57 @@ class Pipeline:
                 result.add(s.name)
         return result
 
-    def plan(self, target: str | None = None, verify: bool = False) -> list[StagePlan]:
-        """Fingerprint and cache state of each stage up to target (all stages when None)."""
+    def plan(
+        self, target: str | None = None, verify: bool = False, force: set[str] | None = None
+    ) -> list[StagePlan]:
+        """What `run(target, force, verify)` would do now, stage by stage (all stages when target is None).
+
+        `forge status`, `forge plan` and `run` itself all use this one function.
+        """
         stages = self.closure(target) if target else self.stages
+        forced = {self.stage(name).name for name in force or ()}  # what follows runs as their downstream
         fps: dict[str, str] = {}
-        states: dict[str, str] = {}
+        runs: set[str] = set()
         plans = []
         for stage in stages:
             for need in stage.needs:
                 if need not in fps:  # a stage outside the closure, only when listing all
                     raise PipelineError(f"stage '{stage.name}' needs '{need}' which comes after it")
-            fp = fingerprint(stage, self.loaded, fps)
+            external = stage.external_inputs(self.loaded)
+            fp = fingerprint(stage, self.loaded, fps, external)
             fps[stage.name] = fp
             stage_dir = self.run_dir / stage.name
             manifest = read_manifest(stage_dir)
+            upstream = [Change("upstream", n) for n in stage.needs if n in runs]
             if manifest is None:
-                state, reason = "missing", "no output yet"
+                state, changes = "missing", [Change("missing")]
             elif manifest.get("fingerprint") != fp:
-                changed = [n for n in stage.needs if states.get(n) != "cached"]
                 state = "stale"
-                reason = (
-                    f"{', '.join(changed)} will re-run" if changed else _what_changed(manifest, stage, self)
-                )
+                changes = _changes(manifest, stage, self.loaded, external, fps, runs) + upstream
+                if not changes:
+                    changes = [Change("unknown")]
             elif problem := check_output(stage_dir, manifest, verify):
-                state, reason = "stale", problem
+                state, changes = "stale", [Change("output", problem)]
+            elif upstream:  # same inputs, but what it reads will be rewritten
+                state, changes = "stale", upstream
             else:
-                state, reason = "cached", "up to date"
-            states[stage.name] = state
-            plans.append(StagePlan(stage, fp, state, reason, manifest))
+                state, changes = "cached", []
+            if stage.name in forced:
+                changes.append(Change("forced", stage.name))
+            if changes:
+                runs.add(stage.name)
+            plans.append(StagePlan(stage, fp, state, changes, manifest, external))
         return plans
 
     def run(self, target: str, force: set[str] | None = None, verify: bool = False) -> list[dict[str, Any]]:
         """Run target and what it needs; cached stages are skipped. Returns the manifests in order."""
-        force = self.downstream({self.stage(n).name for n in (force or set())})
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with run_lock(self.run_dir):
             _sweep_temporaries(self.run_dir)
             done: list[dict[str, Any]] = []
-            ran: set[str] = set()
-            for plan in self.plan(target, verify):
+            for plan in self.plan(target, verify, force):
                 stage = plan.stage
-                rerun_needed = bool(ran & set(stage.needs))
-                if plan.state == "cached" and stage.name not in force and not rerun_needed:
+                if not plan.runs:
                     self.log(
                         f"[dim]✓ {stage.name:<9} cached[/dim]  {plan.manifest.get('summary', {}).get('line', '')}"
                     )
@@ -223,12 +309,10 @@ class Pipeline:
                     continue
                 if plan.state == "stale":
                     self.log(f"[yellow]↻ {stage.name:<9} stale: {plan.reason}[/yellow]")
-                manifest = self._execute(stage, plan.fingerprint)
-                ran.add(stage.name)
-                done.append(manifest)
+                done.append(self._execute(stage, plan.fingerprint, plan.external))
             return done
 
-    def _execute(self, stage: Stage, fp: str) -> dict[str, Any]:
+    def _execute(self, stage: Stage, fp: str, external: dict[str, str]) -> dict[str, Any]:
         inputs = {n: self.run_dir / n for n in stage.needs}
         tmp = self.run_dir / ".tmp" / f"{stage.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
@@ -250,7 +334,7 @@ class Pipeline:
             "fingerprint": fp,
             "config": config_part(stage, self.loaded),
             "inputs": {n: read_manifest(p)["fingerprint"] for n, p in inputs.items()},
-            "external": stage.external_inputs(self.loaded),
+            "external": external,
             "files": list_files(tmp),
             "seconds": round(seconds, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -278,27 +362,43 @@ class Pipeline:
             return removed
 
 
-def _what_changed(manifest: dict[str, Any], stage: Stage, pipe: Pipeline) -> str:
+def _changes(
+    manifest: dict[str, Any],
+    stage: Stage,
+    loaded: LoadedConfig,
+    external: dict[str, str],
+    fps: dict[str, str],
+    runs: set[str],
+) -> list[Change]:
+    """What differs between the inputs a stage's output was made from (its manifest) and its inputs now."""
+    changes = []
     if manifest.get("version") != stage.version:
-        return "stage code changed"
-    if manifest.get("config") != config_part(stage, pipe.loaded):
-        old, new = manifest.get("config", {}), config_part(stage, pipe.loaded)
-        keys = _diff_keys(old, new)
-        return f"config changed: {', '.join(keys)}" if keys else "config changed"
-    if manifest.get("external") != stage.external_inputs(pipe.loaded):
-        old, new = manifest.get("external", {}), stage.external_inputs(pipe.loaded)
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        return f"input changed: {', '.join(keys)}"
-    return "an input changed"
+        changes.append(Change("code", stage.name, manifest.get("version"), stage.version))
+    old_config = manifest.get("config", {})
+    changes += [Change("config", k, old, new) for k, old, new in _diff(old_config, config_part(stage, loaded))]
+    old_ext = manifest.get("external", {})
+    changes += [
+        Change("input", k, old_ext.get(k), external.get(k))
+        for k in sorted(set(old_ext) | set(external))
+        if old_ext.get(k) != external.get(k)
+    ]
+    made_from = manifest.get("inputs", {})
+    changes += [
+        Change("remade", n, made_from.get(n), fps[n])
+        for n in stage.needs
+        if n not in runs and n in made_from and made_from[n] != fps[n]
+    ]
+    return changes
 
 
-def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs."""
     if isinstance(old, dict) and isinstance(new, dict):
-        keys = []
+        found = []
         for k in sorted(set(old) | set(new)):
-            keys += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
-        return keys
-    return [prefix.rstrip(".")] if old != new else []
+            found += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return found
+    return [(prefix.rstrip("."), old, new)] if old != new else []
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -16,6 +16,7 @@ from forge.config import DataConfig
 from forge.data.encoding import encode, trained_count, truncate
 from forge.data.errors import DataError
 from forge.data.formats import Sample, describe_formats, detect_format, to_sample
+from forge.data.labels import Drops, count_labels, never_stops_warning, stop_token_ids
 from forge.data.packing import pack
 from forge.data.readers import dataset_files, read_rows
 from forge.data.shards import IGNORE_INDEX, Example, TokenSplit, build_split, save_split
@@ -61,14 +62,18 @@ class Problems:
 
 
 def read_samples(
-    files: list[Path], cfg: DataConfig, problems: Problems, log: Callable[[str], None]
+    files: list[Path], cfg: DataConfig, problems: Problems, log: Callable[[str], None], limit: int | None = None
 ) -> tuple[list[Item], dict[str, str]]:
-    """Every readable row of every file, normalized; the format used for each file."""
+    """Every readable row of every file (the first `limit` when set), normalized; the format used for each file."""
     items: list[Item] = []
     formats: dict[str, str] = {}
     for path in files:
+        if limit is not None and len(items) >= limit:
+            break
         fmt = None if cfg.format == "auto" else cfg.format
         for row in read_rows(path):
+            if limit is not None and len(items) >= limit:
+                break
             if row.record is None:
                 problems.report(DataError(row.where, row.problem or "unreadable row"))
                 continue
@@ -128,17 +133,27 @@ def prepare(source: Path, tokenizer: Any, cfg: DataConfig, log: Callable[[str], 
     encoded = encode(tokenizer, [r for _, r in rendered])
 
     kept: list[tuple[Item, Example]] = []
-    truncated = dropped = longest = 0
+    drops = Drops()
+    truncated = longest = 0
     for (item, _), example in zip(rendered, encoded, strict=True):
         longest = max(longest, len(example.input_ids))
+        masked = trained_count(example) == 0
         example, cut = truncate(example, cfg.max_seq_len)
         truncated += cut
-        if trained_count(example) == 0:
-            dropped += 1  # nothing to learn from: no assistant turn, or it was truncated away
+        if masked or trained_count(example) == 0:  # nothing to learn from
+            drops.add(item.where, "masked" if masked else "cut")
             continue
         kept.append((item, example))
+    if drops.total:
+        log(drops.line(len(rendered), cfg))
     if not kept:
-        raise DataError(str(source), f"no usable examples ({problems.count} rows skipped, {dropped} dropped)")
+        raise DataError(str(source), drops.nothing_left(len(rendered), problems.count, cfg))
+    dropped = drops.total
+    stops = stop_token_ids(tokenizer)
+    stop_labels = sum(count_labels(ex, stops) for _, ex in kept)
+    warnings = [] if stop_labels else [never_stops_warning(stops)]
+    for warning in warnings:
+        log(f"warning: {warning}")
 
     held = eval_mask([row_score(item.record, cfg.seed) for item, _ in kept], cfg.eval_fraction)
     train = [ex for (_, ex), h in zip(kept, held, strict=True) if not h]
@@ -156,6 +171,9 @@ def prepare(source: Path, tokenizer: Any, cfg: DataConfig, log: Callable[[str], 
         "skipped": problems.count,
         "skipped_rows": problems.listed,
         "dropped": dropped,
+        "dropped_masked": drops.masked,
+        "dropped_cut": drops.cut,
+        "dropped_rows": drops.listed,
         "truncated": truncated,
         "longest_example": longest,
         "examples": len(kept),
@@ -164,6 +182,8 @@ def prepare(source: Path, tokenizer: Any, cfg: DataConfig, log: Callable[[str], 
         "train_on": cfg.train_on,
         "max_seq_len": cfg.max_seq_len,
         "packing": cfg.packing,
+        "stop_token_labels": stop_labels,
+        "warnings": warnings,
     }
     tokens = stats["train"]["tokens"] + stats["eval"]["tokens"]
     trained = stats["train"]["trained_tokens"] + stats["eval"]["trained_tokens"]
@@ -192,6 +212,7 @@ def summary_line(stats: dict[str, Any]) -> str:
         f"({stats['train']['examples']} train / {stats['eval']['examples']} eval), "
         f"{stats['tokens']:,} tokens, {1 - stats['masked_fraction']:.0%} trained, format {stats['format']}; "
         f"{stats['truncated']} truncated, {stats['dropped']} dropped, {stats['skipped']} skipped"
+        + (f"; warning: {'; '.join(stats['warnings'])}" if stats.get("warnings") else "")
     )
 
 

@@ -9,6 +9,7 @@ from forge.config import LoadedConfig
 from forge.models.normalize import normalize_base
 from forge.models.resolve import identity_digest, resolve_base
 from forge.pipeline import Stage, StageContext
+from forge.provenance import base_record
 
 
 def _resolved(loaded: LoadedConfig):
@@ -18,7 +19,7 @@ def _resolved(loaded: LoadedConfig):
 
 class BaseStage(Stage):
     name = "base"
-    version = 1
+    version = 2  # 2: base.json records the source files' sha256, Hub id and commit
     config_keys = ("base",)
 
     def external_inputs(self, loaded: LoadedConfig) -> dict[str, str]:
@@ -35,10 +36,12 @@ class BaseStage(Stage):
             "path": str(resolved.path),
             "revision": resolved.revision,
             **facts,
+            **base_record(resolved),
         }
+        ctx.log(f"  source files: {len(source['files'])}, sha256 {source['sha256'][:16]}")
         (ctx.out / "base.json").write_text(json.dumps(source, indent=2))
         size_mb = facts["weights_bytes"] / 2**20
         return {
-            **source,
+            **{k: v for k, v in source.items() if k != "files"},
             "line": f"{facts['architecture']} {facts['dtype']}, {size_mb:.0f} MiB ({facts['how']})",
         }

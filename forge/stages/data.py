@@ -41,4 +41,5 @@ class DataStage(Stage):
             "eval_sequences": stats["eval"]["sequences"],
             "tokens": stats["tokens"],
             "format": stats["format"],
+            "warnings": stats["warnings"],
         }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,9 @@ from forge.hub import (
     upload_file,
 )
 from forge.pipeline import MANIFEST, Stage, StageContext
+from forge.provenance import CARD_KEYS, base_hub_id, card_rows, read_gguf_strings
 
 GENERATED = "repo"  # folder of the stage output that holds the generated files
-BUILTIN_HUB_IDS = {"builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-HUB_URL = re.compile(r"^https?://(?:huggingface\.co|hf\.co)/([\w.-]+/[\w.-]+)/?$")
 IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 
 
@@ -106,6 +104,8 @@ def plan_push(loaded: LoadedConfig, inputs: dict[str, Path], out: Path, repo: st
     name = re.sub(r"[-_.]gguf$", "", repo.split("/")[1], flags=re.I)
     ggufs = _gguf_entries(inputs["quantize"], name)
     facts = _card_facts(loaded, inputs, repo)
+    first_gguf = next(iter(ggufs.values()))[1]  # every quant carries the gguf stage's provenance keys
+    facts.provenance, facts.train_config = card_rows(read_gguf_strings(first_gguf, prefixes=CARD_KEYS))
     if "gguf" in what:
         digests = _digests(inputs["quantize"])
         for entry, local in ggufs.values():
@@ -161,7 +161,8 @@ def _add_modelfiles(
     plan: PushPlan, ollama: Path, ggufs: dict[str, tuple[GGUFEntry, Path]], quant: str, out: Path
 ) -> list[str]:
     """Each `<type>.Modelfile`, pointed at its uploaded GGUF, plus Ollama's hf.co files from the main one."""
-    modelfiles = sorted(ollama.glob("*.Modelfile"))
+    # adapter.Modelfile (ollama.mode adapter) points at the gguf stage's base and LoRA GGUFs, which are not uploaded
+    modelfiles = sorted(p for p in ollama.glob("*.Modelfile") if p.name != "adapter.Modelfile")
     if not modelfiles:
         raise HubError(f"{ollama}: no *.Modelfile (the ollama stage's output)")
     paths, texts = [], {}
@@ -216,7 +217,7 @@ def _card_facts(loaded: LoadedConfig, inputs: dict[str, Path], repo: str) -> Car
     gate = (report.get("gate") if isinstance(report, dict) else None) or {}
     return CardFacts(
         repo=repo,
-        base_model=cfg.push.base_model or _base_model_id(base),
+        base_model=cfg.push.base_model or base_hub_id(base),
         license=cfg.push.license or _base_license(base),
         datasets=list(cfg.push.datasets),
         model_type=base.get("model_type"),
@@ -229,50 +230,6 @@ def _card_facts(loaded: LoadedConfig, inputs: dict[str, Path], repo: str) -> Car
     )
 
 
-GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # type id -> bytes
-GGUF_STRING, GGUF_ARRAY = 8, 9
-
-
-def _gguf_strings(path: Path, keys: tuple[str, ...]) -> dict[str, str]:
-    """The string values of some metadata keys of a GGUF, read from its header without parsing the rest.
-
-    gguf.GGUFReader decodes every field, the vocabulary included (seconds for a 50k-token model); this stops
-    as soon as the keys are found (general.* keys come first in files written by llama.cpp and gguf-py).
-    """
-    found: dict[str, str] = {}
-    try:
-        with open(path, "rb") as f:
-            magic, _version, _tensors, count = struct.unpack("<4sIQQ", f.read(24))
-            if magic != b"GGUF":
-                return {}
-            for _ in range(count):
-                key = f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8", "replace")
-                kind = struct.unpack("<I", f.read(4))[0]
-                if kind == GGUF_STRING and key in keys:
-                    found[key] = f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8", "replace")
-                    if len(found) == len(keys):
-                        break
-                else:
-                    _skip_gguf_value(f, kind)
-    except (OSError, struct.error, KeyError):
-        return found
-    return found
-
-
-def _skip_gguf_value(f: Any, kind: int) -> None:
-    if kind == GGUF_STRING:
-        f.seek(struct.unpack("<Q", f.read(8))[0], 1)
-    elif kind == GGUF_ARRAY:
-        item, n = struct.unpack("<IQ", f.read(12))
-        if item in GGUF_SCALAR_SIZES:
-            f.seek(GGUF_SCALAR_SIZES[item] * n, 1)
-        else:
-            for _ in range(n):
-                _skip_gguf_value(f, item)
-    else:
-        f.seek(GGUF_SCALAR_SIZES[kind], 1)
-
-
 def _front_matter(readme: Path) -> dict[str, Any]:
     try:
         match = re.match(r"^---\n(.*?)\n---", readme.read_text(encoding="utf-8"), re.S)
@@ -282,25 +239,11 @@ def _front_matter(readme: Path) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def _base_model_id(base: dict[str, Any]) -> str | None:
-    """The base model's Hub id: a Hub reference, a known builtin, or the source repo a GGUF names."""
-    ref, kind, path = base.get("ref", ""), base.get("kind"), Path(base.get("path", ""))
-    if ref in BUILTIN_HUB_IDS:
-        return BUILTIN_HUB_IDS[ref]
-    if kind == "hub":
-        return ref
-    if kind == "gguf" and path.is_file():
-        urls = _gguf_strings(path, ("general.source.url", "general.source.repo_url")).values()
-        matches = [m.group(1) for m in map(HUB_URL.match, urls) if m]
-        return matches[0] if matches else None
-    return None
-
-
 def _base_license(base: dict[str, Any]) -> str | None:
     """The base model's license id: general.license of a GGUF, or the license key of the folder's README."""
     path = Path(base.get("path", ""))
     if path.is_file() and path.suffix == ".gguf":
-        found = _gguf_strings(path, ("general.license",)).get("general.license")
+        found = read_gguf_strings(path, ("general.license",)).get("general.license")
     else:
         found = _front_matter(path / "README.md").get("license")
     return str(found) if found else None

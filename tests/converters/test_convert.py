@@ -186,9 +186,14 @@ def test_bf16_output_keeps_bf16_weights_bit_exact(tiny_model, tmp_path: Path) ->
 
 def test_result_and_metadata_record_what_was_written(tiny_model, tmp_path: Path) -> None:
     out = tmp_path / "nested" / "model.gguf"
-    result = convert_hf_to_gguf(tiny_model("qwen2"), out, metadata={"name": "my-finetune", "license": "apache-2.0"})
+    typed = {"general.base_model.count": 1, "general.tags": ["a", "b"], "forge.x.ok": True, "forge.x.f": 0.5}
+    metadata = {"name": "my-finetune", "license": "apache-2.0", **typed}
+    result = convert_hf_to_gguf(tiny_model("qwen2"), out, metadata=metadata)
     fields, _ = read_back(out)
     assert (fields["general.name"], fields["general.license"]) == ("my-finetune", "apache-2.0")
+    assert {k: fields[k] for k in typed} == typed
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.base_model.count"].types == [gguf.GGUFValueType.UINT32]
     assert result.size_bytes == out.stat().st_size
     assert result.tokenizer_model == "gpt2" and result.vocab_size == PADDED_VOCAB
     assert [p.name for p in out.parent.iterdir()] == ["model.gguf"]  # no temporary file left behind
@@ -215,6 +220,11 @@ def test_bad_inputs_name_the_file(tiny_model, tmp_path: Path) -> None:
         convert_hf_to_gguf(tiny_model("llama"), tmp_path / "x.gguf", out_type="q4_k_m")
     with pytest.raises(ConversionError, match="metadata keys \\['colour'\\]"):
         convert_hf_to_gguf(tiny_model("llama"), tmp_path / "x.gguf", metadata={"colour": "blue"})
+    reserved = {"general.file_type": 1, "llama.block_count": 3}
+    with pytest.raises(ConversionError, match=r"keys \['general.file_type', 'llama.block_count'\] are written"):
+        convert_hf_to_gguf(tiny_model("llama"), tmp_path / "x.gguf", metadata=reserved)
+    with pytest.raises(ConversionError, match=r"metadata 'forge.config': a dict is not a GGUF value"):
+        convert_hf_to_gguf(tiny_model("llama"), tmp_path / "x.gguf", metadata={"forge.config": {"lr": 1}})
 
 
 def test_a_name_llama_cpp_treats_as_phi3_needs_phi3_tokens(tiny_model, tmp_path: Path) -> None:

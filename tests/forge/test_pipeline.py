@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from forge.config import load_config
-from forge.pipeline import Pipeline, PipelineError, Stage, read_manifest
+from forge.pipeline import Change, Pipeline, PipelineError, Stage, read_manifest
 
 
 class Recorder(Stage):
@@ -75,12 +75,41 @@ def test_external_input_change_is_named(make):
     assert plan["b"].reason == "a will re-run"
 
 
+def test_plan_names_each_change_and_is_what_run_does(make):
+    pipe, (a, b, c) = make()
+    pipe.run("c")
+    a.external = {"data/x.jsonl": "1" * 64}
+    pipe2, _ = make("train.lr=0.5", stages=[a, b, c])
+    plan = {p.stage.name: p for p in pipe2.plan("c")}
+    assert plan["a"].changes == [Change("input", "data/x.jsonl", None, "1" * 64)]
+    assert plan["b"].changes == [Change("config", "train.lr", 0.0002, 0.5), Change("upstream", "a")]
+    assert plan["b"].reason == "config changed: train.lr; a will re-run"
+    assert [str(ch) for ch in plan["b"].changes] == ["config train.lr: 0.0002 -> 0.5", "a will run"]
+    assert str(plan["a"].changes[0]) == "data/x.jsonl added"
+    pipe2.run("c")
+    a.external = {"data/x.jsonl": "2" * 64}
+    assert str(pipe2.plan("a")[0].changes[0]) == f"data/x.jsonl changed (sha256 {'1' * 12} -> {'2' * 12})"
+    a.external = {"data/x.jsonl": "1" * 64}
+
+    # nothing changed: only --force makes stages run, the forced one and what follows
+    assert not any(p.runs for p in pipe2.plan("c"))
+    forced = {p.stage.name: p for p in pipe2.plan("c", force={"b"})}
+    assert [forced[n].runs for n in "abc"] == [False, True, True]
+    assert forced["b"].changes == [Change("forced", "b")] and forced["b"].state == "cached"
+    assert forced["c"].changes == [Change("upstream", "b")]
+    runs = (a.runs, b.runs, c.runs)
+    pipe2.run("c", force={"b"})
+    assert (a.runs, b.runs, c.runs) == (runs[0], runs[1] + 1, runs[2] + 1)
+
+
 def test_damaged_output_is_not_trusted(make):
     pipe, (a, b, c) = make()
     pipe.run("c")
     out = pipe.run_dir / "b" / "out.txt"
     out.write_text(out.read_text() + "x")
-    assert {p.stage.name: p.state for p in pipe.plan()}["b"] == "stale"
+    plan = {p.stage.name: p for p in pipe.plan()}
+    assert plan["b"].state == "stale" and plan["b"].reason == "out.txt changed size"
+    assert plan["c"].state == "stale" and plan["c"].reason == "b will re-run"  # c reads what b rewrites
     pipe.run("c")
     assert (a.runs, b.runs, c.runs) == (1, 2, 2)
     # same size, different bytes: only --verify sees it

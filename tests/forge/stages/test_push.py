@@ -20,7 +20,8 @@ from forge.config import load_config
 from forge.hub import HubError
 from forge.models.resolve import resolve_base
 from forge.pipeline import Pipeline, Stage, StageContext
-from forge.stages.push import PushStage, _base_license, _base_model_id, plan_push
+from forge.provenance import base_hub_id
+from forge.stages.push import PushStage, _base_license, plan_push
 
 REPO = "alice/smol-chat-GGUF"
 REPORT_MD = """# Eval report
@@ -44,6 +45,16 @@ PARAMETER temperature 0.3
 '''
 
 
+PROVENANCE = {
+    "general.base_model.0.repo_url": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct",
+    "forge.base.model": "builtin:smollm2-135m-instruct",
+    "forge.dataset.sha256": "d" * 64,
+    "forge.dataset.files": '{"chat.jsonl": "' + "e" * 64 + '"}',
+    "forge.versions.transformers": "5.23.0",
+    "forge.train_config": '{"lr": 0.0002, "method": "lora"}',
+}
+
+
 class FixtureStage(Stage):
     """An upstream stage whose output is written by a test function (the real stages land separately)."""
 
@@ -60,6 +71,8 @@ def write_gguf(path: Path, values: int, seed: int) -> None:
     writer = GGUFWriter(str(path), "llama")
     writer.add_name("smol-chat")
     writer.add_context_length(2048)
+    for key, value in PROVENANCE.items():  # as the gguf stage writes them (docs/converters.md)
+        writer.add_string(key, value)
     writer.add_tensor("token_embd.weight", np.random.default_rng(seed).random(values, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -232,6 +245,10 @@ def test_push_uploads_the_run_in_one_commit_with_a_card(hub, tmp_path):
         and "![perplexity](eval/ppl.png)" in card
     )
     assert "Forge's quality gate passed." in card
+    provenance = card.split("## Provenance")[1].split("## Evaluation")[0]
+    assert "| base model | HuggingFaceTB/SmolLM2-135M-Instruct (`builtin:smollm2-135m-instruct`) |" in provenance
+    assert f"| dataset | dataset (1 file) |\n| dataset sha256 | `{'d' * 64}` |" in provenance
+    assert "| transformers | 5.23.0 |" in provenance and '  "lr": 0.0002,' in provenance
     assert card == (run / "push" / "repo" / "README.md").read_text()
 
     record = json.loads((run / "push" / "push.json").read_text())
@@ -356,11 +373,11 @@ def test_base_model_and_license_come_from_a_gguf_base(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     base = {"ref": str(path), "kind": "gguf", "path": str(path)}
-    assert _base_model_id(base) == "someone/base-model"
+    assert base_hub_id(base) == "someone/base-model"
     assert _base_license(base) == "mit"
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "README.md").write_text("---\nlicense: llama3.2\ntags: [x]\n---\n# base\n")
     assert _base_license({"ref": str(folder), "kind": "folder", "path": str(folder)}) == "llama3.2"
-    assert _base_model_id({"ref": str(folder), "kind": "folder", "path": str(folder)}) is None
-    assert _base_model_id({"ref": "org/model", "kind": "hub", "path": str(folder)}) == "org/model"
+    assert base_hub_id({"ref": str(folder), "kind": "folder", "path": str(folder)}) is None
+    assert base_hub_id({"ref": "org/model", "kind": "hub", "path": str(folder)}) == "org/model"
