@@ -142,10 +142,16 @@ def _ce_rows(logits, labels, loss, inv_n, ignore_index, softcap) -> None:
         )
 
 
+CHUNK_LOGITS_BYTES = 2**28  # a chunk's 16-bit logits may take this much: 1,024 rows of a 128k vocabulary
+
+
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk so one chunk of logits is about as large as the hidden states (Liger's rule):
-    C = next_pow2(ceil(T / ceil(V / H))), at least 1, at most T."""
-    return max(1, min(n_tokens, next_pow2(cdiv(n_tokens, cdiv(vocab, hidden)))))
+    """Rows per chunk: the larger of "one chunk of logits as large as the hidden states"
+    (next_pow2(ceil(T / ceil(V / H)))) and the largest power of two whose 16-bit logits fit in
+    CHUNK_LOGITS_BYTES (so the two matmuls of a chunk are large enough to run at full speed); at most T."""
+    by_hidden = next_pow2(cdiv(n_tokens, cdiv(vocab, hidden)))
+    by_bytes = 1 << max(0, (CHUNK_LOGITS_BYTES // (2 * vocab)).bit_length() - 1)
+    return max(1, min(n_tokens, max(by_hidden, by_bytes)))
 
 
 def _inv_normalizer(labels, normalizer, ignore_index, device) -> torch.Tensor:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from forge.data.shards import TokenSplit, collate
+from forge.data.shards import IGNORE_INDEX, TokenSplit, collate
 
 EPOCH_SEED_STRIDE = 1_000_003  # a prime, so (seed, epoch) pairs never share a generator seed in practice
 
@@ -66,6 +66,22 @@ def make_batch(split: TokenSplit, indices: list[int], pad_id: int) -> dict[str, 
     return collate([split.sequence(i) for i in indices], pad_id)
 
 
+def masked_batch(split: TokenSplit, index: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch of one sequence with no targets: a forward and backward that add nothing (a rank whose share
+    of a step is empty runs it, so that every rank makes the same collective calls)."""
+    batch = make_batch(split, [index], pad_id)
+    batch["labels"].fill_(IGNORE_INDEX)
+    return batch
+
+
 def sequence_length(split: TokenSplit, index: int) -> int:
     """Tokens in the index-th sequence of a split."""
     return int(split.seq_offsets[index + 1] - split.seq_offsets[index])
+
+
+def sequence_targets(split: TokenSplit, index: int) -> int:
+    """Tokens of the index-th sequence that carry a loss: labelled and not the first token of an example
+    (what `loss.count_targets` counts in a batch, without building one)."""
+    a, b = int(split.seq_offsets[index]), int(split.seq_offsets[index + 1])
+    labelled = split.labels[a + 1 : b] != IGNORE_INDEX
+    return int((labelled & (split.position_ids[a + 1 : b] != 0)).sum())

@@ -5,6 +5,10 @@ everything else a bit-identical continuation needs (`state.pt`: optimizer, sched
 states of python/numpy/torch, loop counters). It is written under a temporary name, synced, then renamed:
 a folder with the final name is always complete, so a kill during a write leaves the previous one as the
 latest.
+
+With several processes every rank takes part in a save (FSDP shards are gathered) but only rank 0 writes;
+the files hold whole tensors and the optimizer state in the 1-process layout, so any number of processes
+can resume from them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from forge.train.distributed import full, full_state, load_into, shard_optimizer_state
 from forge.train.rng import rng_state, set_rng_state
 
 NAME = re.compile(r"^step-(\d{7})$")
@@ -26,8 +31,8 @@ TMP_PREFIX = ".tmp-"
 
 
 def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name, detached on the CPU."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters by name, detached on the CPU (whole: FSDP shards are gathered)."""
+    return {n: full(p).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _fsync(path: Path) -> None:
@@ -47,15 +52,24 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None,
     progress: dict[str, Any],
     keep: int = 1,
+    write: bool = True,
 ) -> Path:
-    """Write the checkpoint of `step` atomically and drop all but the newest `keep`."""
+    """Write the checkpoint of `step` atomically and drop all but the newest `keep`.
+
+    write=False (ranks > 0): only take part in gathering sharded tensors; nothing is written.
+    """
+    weights = trainable_tensors(model)
+    optimizer_state = full_state(optimizer.state_dict())
+    final = root / f"step-{step:07d}"
+    if not write:
+        return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"{TMP_PREFIX}{step:07d}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    save_file(trainable_tensors(model), str(tmp / "trainable.safetensors"))
+    save_file(weights, str(tmp / "trainable.safetensors"))
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(),
@@ -65,7 +79,6 @@ def save_checkpoint(
     )
     for name in ("trainable.safetensors", "state.pt"):
         _fsync(tmp / name)
-    final = root / f"step-{step:07d}"
     if final.exists():  # a run resumed from before this step wrote it again: same content by construction
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -110,9 +123,10 @@ def load_checkpoint(
         )
     with torch.no_grad():
         for name, tensor in saved.items():
-            params[name].copy_(tensor)
+            load_into(params[name], tensor)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
+    shard_optimizer_state(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])

@@ -11,10 +11,10 @@ import torch
 
 from forge.config import TrainConfig
 from forge.data.shards import IGNORE_INDEX, TokenSplit
-from forge.train.batches import BatchOrder, make_batch, sequence_length
+from forge.train.batches import BatchOrder, make_batch, masked_batch, sequence_length, sequence_targets
 from forge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from forge.train.distributed import SINGLE, Parallel, clip_gradients
 from forge.train.loss import count_targets, evaluate, summed_loss
-from forge.train.memory import activation_offload
 from forge.train.metrics import MetricsLog
 from forge.train.optim import make_optimizer, make_scheduler
 from forge.train.precision import Precision
@@ -53,25 +53,31 @@ def train_step(
     max_grad_norm: float | None,
     precision: Precision,
     device: torch.device,
-    checkpointing: str,
+    parallel: Parallel = SINGLE,
+    targets: int | None = None,
 ) -> tuple[float, float, int]:
     """One optimizer step over the micro-batches: returns (loss per target token, grad norm, targets).
 
     Each micro-batch's summed loss is divided by the target tokens of the whole accumulated batch, so the
-    gradient is that of one big batch whatever the split into micro-batches.
+    gradient is that of one big batch whatever the split into micro-batches. With several processes the
+    micro-batches are this rank's share and `targets` counts the whole step on all ranks; the loss is
+    scaled by the world size because DDP and FSDP average the ranks' gradients (the sum is wanted).
     """
-    targets = sum(count_targets(b) for b in micro_batches)
+    if targets is None:
+        targets = sum(count_targets(b) for b in micro_batches)
+    forward = parallel.forward_module(model)
     total = 0.0
-    for batch in micro_batches:
-        with activation_offload(checkpointing, device):
-            loss_sum = summed_loss(model, batch, precision, device)
-            scaled = loss_sum / max(targets, 1)
+    for i, batch in enumerate(micro_batches):
+        with parallel.sync(last=i == len(micro_batches) - 1):
+            loss_sum = summed_loss(forward, batch, precision, device)
+            scaled = loss_sum * parallel.world / max(targets, 1)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += float(loss_sum.detach())
+    (total,) = parallel.sum([total])
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
+    grad_norm = clip_gradients(params, max_grad_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -92,14 +98,15 @@ def train_loop(
     pad_id: int,
     work: Path,
     log: Callable[[str], None],
-    checkpointing: str = "none",
     run_id: str = "",
     show_progress: bool = True,
+    parallel: Parallel = SINGLE,
 ) -> LoopState:
     """Train `model` on the split until cfg's steps are done or early stopping triggers.
 
     Resumes from the newest checkpoint in `work/checkpoints` when there is one; writes metrics.jsonl and
-    TensorBoard events into `work`. `checkpointing` is the activation mode (offload wraps each step).
+    TensorBoard events into `work`. With several processes (`parallel`) every rank runs this loop on its
+    share of each step; only rank 0 writes metrics and checkpoints.
     """
     order = BatchOrder(len(train_split), cfg.batch_size, cfg.grad_accum, cfg.seed)
     total = order.total_steps(cfg.epochs, cfg.max_steps)
@@ -113,13 +120,17 @@ def train_loop(
         state = LoopState(**load_checkpoint(latest, model, optimizer, scheduler, scaler))
         state.resumed_from = state.step
         log(f"resuming from checkpoint {latest.name} (step {state.step} of {total})")
+    parallel.seed_rank(cfg.seed, state.step)
 
-    metrics = MetricsLog(work, state.resumed_from, cfg.wandb_project, run_id, cfg.model_dump(mode="json"), log)
+    metrics = None
+    if parallel.is_main:
+        metrics = MetricsLog(work, state.resumed_from, cfg.wandb_project, run_id, cfg.model_dump(mode="json"), log)
     has_eval = bool((eval_split.labels != IGNORE_INDEX).any())
 
     def run_eval() -> None:
-        state.eval_loss = evaluate(model, eval_split, cfg.batch_size, pad_id, precision, device)
-        metrics.write({"step": state.step, "eval_loss": state.eval_loss})
+        state.eval_loss = evaluate(model, eval_split, cfg.batch_size, pad_id, precision, device, parallel)
+        if metrics is not None:
+            metrics.write({"step": state.step, "eval_loss": state.eval_loss})
         log(f"step {state.step}/{total}: eval loss {state.eval_loss:.4f}")
         if state.best_eval_loss is None or state.eval_loss < state.best_eval_loss:
             state.best_eval_loss, state.evals_since_best = state.eval_loss, 0
@@ -138,14 +149,21 @@ def train_loop(
 
     model.train()
     try:
-        with TrainProgress(total, state.step, show_progress) as bar:
+        with TrainProgress(total, state.step, show_progress and parallel.is_main) as bar:
             while state.step < total and not state.early_stopped:
                 started = time.perf_counter()
                 indices = order.step(state.step)
-                micro_batches = [make_batch(train_split, idx, pad_id) for idx in indices]
+                micro_batches = [  # an empty share runs a masked batch: every rank makes the same collectives
+                    make_batch(train_split, idx, pad_id) if idx else masked_batch(train_split, indices[0][0], pad_id)
+                    for idx in parallel.share(indices)
+                ]
+                step_targets = None
+                if parallel.world > 1:  # the whole step's, counted from the split (every rank knows the order)
+                    step_targets = sum(sequence_targets(train_split, i) for idx in indices for i in idx)
                 lr = scheduler.get_last_lr()[0]
                 loss, grad_norm, targets = train_step(
-                    model, micro_batches, optimizer, scaler, cfg.max_grad_norm, precision, device, checkpointing
+                    model, micro_batches, optimizer, scaler, cfg.max_grad_norm, precision, device,
+                    parallel, step_targets,
                 )
                 scheduler.step()
                 state.step += 1
@@ -154,7 +172,7 @@ def train_loop(
                 state.tokens += sum(sequence_length(train_split, i) for idx in indices for i in idx)
                 state.train_seconds += time.perf_counter() - started
 
-                if state.step % cfg.log_every == 0 or state.step == total:
+                if metrics is not None and (state.step % cfg.log_every == 0 or state.step == total):
                     metrics.write(
                         {
                             "step": state.step,
@@ -169,13 +187,19 @@ def train_loop(
                 if has_eval and (state.step % cfg.eval_every == 0 or state.step == total):
                     run_eval()
                 bar.update(state.step, loss, lr, state.tokens_per_s, state.eval_loss)
-                if state.step % cfg.save_every == 0 and state.step < total and not state.early_stopped:
-                    save_checkpoint(work / CHECKPOINTS, state.step, model, optimizer, scheduler, scaler, asdict(state))
+                saving = state.step % cfg.save_every == 0 and state.step < total and not state.early_stopped
+                if saving and (parallel.is_main or parallel.mode == "fsdp"):  # FSDP: every rank gathers shards
+                    save_checkpoint(
+                        work / CHECKPOINTS, state.step, model, optimizer, scheduler, scaler, asdict(state),
+                        write=parallel.is_main,
+                    )
     except KeyboardInterrupt:
-        latest = latest_checkpoint(work / CHECKPOINTS)
-        where = f"checkpoint {latest.name}" if latest else "the start (no checkpoint yet)"
-        log(f"interrupted at step {state.step}; running the same command again resumes from {where}")
+        if parallel.is_main:
+            latest = latest_checkpoint(work / CHECKPOINTS)
+            where = f"checkpoint {latest.name}" if latest else "the start (no checkpoint yet)"
+            log(f"interrupted at step {state.step}; running the same command again resumes from {where}")
         raise
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     return state

@@ -6,7 +6,8 @@ import torch
 
 from forge.data.shards import IGNORE_INDEX, TokenSplit
 from forge.models.loss import causal_lm_loss
-from forge.train.batches import make_batch
+from forge.train.batches import make_batch, masked_batch
+from forge.train.distributed import SINGLE, Parallel
 from forge.train.precision import Precision
 
 
@@ -36,15 +37,33 @@ def summed_loss(
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, split: TokenSplit, batch_size: int, pad_id: int, precision: Precision, device: torch.device
+    model: torch.nn.Module,
+    split: TokenSplit,
+    batch_size: int,
+    pad_id: int,
+    precision: Precision,
+    device: torch.device,
+    parallel: Parallel = SINGLE,
 ) -> float | None:
-    """Mean cross-entropy per target token over the whole split (None when it has no targets)."""
+    """Mean cross-entropy per target token over the whole split (None when it has no targets).
+
+    With several processes rank r scores batches r, r+world, ... and the sums are added up; under FSDP a
+    rank short of a batch runs a masked one (every rank must make the same collective calls).
+    """
     was_training = model.training
     model.eval()
+    starts = list(range(0, len(split), batch_size))
+    mine = starts[parallel.rank :: parallel.world]
+    if parallel.mode == "fsdp" and starts:
+        mine += [None] * (-(-len(starts) // parallel.world) - len(mine))
     total, tokens = 0.0, 0
-    for start in range(0, len(split), batch_size):
-        batch = make_batch(split, list(range(start, min(start + batch_size, len(split)))), pad_id)
+    for start in mine:
+        if start is None:
+            batch = masked_batch(split, 0, pad_id)
+        else:
+            batch = make_batch(split, list(range(start, min(start + batch_size, len(split)))), pad_id)
         total += float(summed_loss(model, batch, precision, device))
         tokens += count_targets(batch)
     model.train(was_training)
+    total, tokens = parallel.sum([total, tokens])
     return total / tokens if tokens else None

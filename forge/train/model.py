@@ -63,9 +63,16 @@ def lora_targets(model: torch.nn.Module, wanted: list[str] | str) -> list[str] |
 
 
 def load_model(
-    base_dir: Path, cfg: TrainConfig, precision: Precision, device: torch.device, log: Callable[[str], None]
+    base_dir: Path,
+    cfg: TrainConfig,
+    precision: Precision,
+    device: torch.device,
+    log: Callable[[str], None],
+    load_device: torch.device | None = None,
 ) -> torch.nn.Module:
     """The base model on `device`, ready to train with cfg.method (only the trained weights need grads).
+
+    load_device: where the weights go instead (FSDP loads on the CPU and shards onto `device` afterwards).
 
     Frozen weights are kept in the compute dtype (QLoRA: NF4 with double quantization); LoRA weights and
     full fine-tuning's weights are fp32 masters, run under autocast.
@@ -83,7 +90,7 @@ def load_model(
     if cfg.method == "qlora":
         keep_4bit_trainable(model)
     else:
-        model.to(device)
+        model.to(load_device or device)
     model.config.use_cache = False
     choice = kernels_choice(cfg.kernels, device)
     log(choice)

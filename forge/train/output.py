@@ -19,10 +19,13 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json"
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def save_adapter(model: torch.nn.Module, out: Path) -> Path:
-    """The PEFT adapter folder: adapter_config.json + adapter_model.safetensors."""
+def save_adapter(model: torch.nn.Module, out: Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """The PEFT adapter folder: adapter_config.json + adapter_model.safetensors.
+
+    weights: the trainable tensors by name when the model's own are shards (FSDP).
+    """
     folder = out / ADAPTER_DIR
-    model.save_pretrained(str(folder), safe_serialization=True)
+    model.save_pretrained(str(folder), safe_serialization=True, **({"state_dict": weights} if weights else {}))
     return folder
 
 
@@ -33,10 +36,20 @@ def base_dtype(base_dir: Path) -> torch.dtype:
     return DTYPE_NAMES.get(str(name), torch.float32)
 
 
-def save_full_model(model: torch.nn.Module, base_dir: Path, out: Path) -> Path:
-    """A full fine-tune as an HF folder in the base's dtype, with the base's tokenizer files beside it."""
+def save_full_model(
+    model: torch.nn.Module, base_dir: Path, out: Path, weights: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """A full fine-tune as an HF folder in the base's dtype, with the base's tokenizer files beside it.
+
+    weights: the whole state dict when the model's own tensors are shards (FSDP).
+    """
     folder = out / MODEL_DIR
-    model.to(base_dtype(base_dir)).save_pretrained(str(folder), safe_serialization=True)
+    dtype = base_dtype(base_dir)
+    if weights is None:
+        model.to(dtype).save_pretrained(str(folder), safe_serialization=True)
+    else:
+        weights = {k: v.to(dtype) for k, v in weights.items()}
+        model.save_pretrained(str(folder), safe_serialization=True, state_dict=weights)
     for path in sorted(base_dir.iterdir()):
         target = folder / path.name
         if path.is_file() and not target.exists() and not path.name.endswith(WEIGHT_SUFFIXES):

@@ -11,11 +11,14 @@ import torch
 from forge.config import TrainConfig
 from forge.data.shards import TokenSplit, load_split
 from forge.train.batches import sequence_length
+from forge.train.checkpoint import trainable_tensors
+from forge.train.distributed import SINGLE, Parallel, agree, choose_mode, full_state, wrap
 from forge.train.loop import train_loop
-from forge.train.memory import choose_checkpointing, enable_checkpointing, peak_memory
+from forge.train.memory import peak_memory
 from forge.train.model import kernels_choice, load_model, pad_token_id, trainable_count
 from forge.train.output import save_adapter, save_full_model, save_logs, save_stats
 from forge.train.precision import choose_precision, pick_device
+from forge.train.recompute import apply_recompute, plan_for_model
 from forge.train.rng import seed_everything
 
 TRAIN_SPLIT = "train.safetensors"
@@ -41,29 +44,36 @@ def run_training(
     log: Callable[[str], None] = print,
     run_id: str = "",
     show_progress: bool = True,
+    parallel: Parallel = SINGLE,
 ) -> dict[str, Any]:
     """Fine-tune the HF model in base_dir on data_dir's splits; write outputs into `out`, checkpoints into
-    `work` (resuming from them). Returns the stats written to train_stats.json plus a one-line summary."""
+    `work` (resuming from them). Returns the stats written to train_stats.json plus a one-line summary.
+
+    Under torchrun (`parallel` from `distributed.start()`) every rank calls this; rank 0 alone writes and
+    returns the stats, the others return an empty dict."""
     train_split = read_split(data_dir / TRAIN_SPLIT)
     eval_split = read_split(data_dir / EVAL_SPLIT)
     if len(train_split) == 0:
         raise ValueError(f"{data_dir / TRAIN_SPLIT}: the training split holds no sequences")
-    device = pick_device()
+    device = parallel.device or pick_device()
     precision = choose_precision(cfg.precision, device)
+    mode = "single"
+    if parallel.world > 1:
+        mode, why = agree(choose_mode(cfg.distributed, cfg.method, base_dir, device, precision.dtype))
+        log(f"distributed: {mode} over {parallel.world} processes ({why})")
 
-    seed_everything(cfg.seed)  # before the adapters are initialised
-    model = load_model(base_dir, cfg, precision, device, log)
+    seed_everything(cfg.seed)  # before the adapters are initialised: the same on every rank
+    model = load_model(base_dir, cfg, precision, device, log, torch.device("cpu") if mode == "fsdp" else None)
     trainable, total = trainable_count(model)
     log(f"{cfg.method}: {trainable:,} trainable parameters of {total:,}; {precision.name} on {device}")
 
     longest = max(sequence_length(train_split, i) for i in range(len(train_split)))
     act_bytes = torch.finfo(precision.dtype).bits // 8
-    checkpointing, why = choose_checkpointing(
-        cfg.gradient_checkpointing, model, cfg.batch_size * longest, device, act_bytes
-    )
-    if checkpointing == "full":
-        enable_checkpointing(model)
-    log(f"activation checkpointing: {checkpointing} ({why})")
+    plan = plan_for_model(model, cfg.gradient_checkpointing, cfg.batch_size * longest, device, act_bytes)
+    apply_recompute(model, plan)
+    log(plan.line())
+    if mode != "single":
+        parallel = wrap(model, parallel, mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -77,15 +87,21 @@ def run_training(
         pad_id=pad_token_id(model),
         work=work,
         log=log,
-        checkpointing=checkpointing,
         run_id=run_id,
         show_progress=show_progress,
+        parallel=parallel,
     )
 
-    if cfg.method == "full":
-        save_full_model(model, base_dir, out)
+    if cfg.method == "full":  # under FSDP every rank gathers the shards, rank 0 writes
+        weights = full_state(model.state_dict()) if mode == "fsdp" else None
+        if parallel.is_main:
+            save_full_model(model, base_dir, out, weights)
     else:
-        save_adapter(model, out)
+        weights = trainable_tensors(model) if mode == "fsdp" else None
+        if parallel.is_main:
+            save_adapter(model, out, weights)
+    if not parallel.is_main:
+        return {}
     save_logs(work, out)
     peak_mib, peak_kind = peak_memory()
     stats = {
@@ -108,7 +124,10 @@ def run_training(
         "precision": precision.name,
         "trainable_parameters": trainable,
         "kernels": kernels_choice(cfg.kernels, device),
-        "activation_checkpointing": checkpointing,
+        "activation_checkpointing": plan.mode,
+        "recomputed_layers": len(plan.recompute),
+        "processes": parallel.world,
+        "distributed": mode,
     }
     save_stats(stats, out)
     return {**stats, "line": summary_line(stats)}

@@ -100,6 +100,8 @@ def test_bf16(kc):
 def test_shift_labels_and_chunk_rule(kc):
     labels = torch.tensor([[1, 2, 3, 4]])
     assert shift_labels(labels).tolist() == [[2, 3, 4, -100]]
-    assert default_chunk_size(16384, 4096, 128256) == 512
-    assert default_chunk_size(5, 64, 100) == 4
+    assert default_chunk_size(16384, 4096, 128256) == 1024  # 1,024 rows x 128k vocabulary = 256 MiB
+    assert default_chunk_size(4096, 4096, 128256) == 1024
+    assert default_chunk_size(2**20, 4096, 128256) == 32768  # the hidden-size rule takes over for long batches
+    assert default_chunk_size(5, 64, 100) == 5
     assert default_chunk_size(1, 64, 100000) == 1

@@ -75,3 +75,15 @@ def test_train_stage_fine_tunes_smollm2_into_a_loadable_adapter(smollm2_hf_dir: 
     pad = tokenizer.pad_token_id
     again = evaluate(model, read_split(data / EVAL_SPLIT), 4, pad, Precision("fp32"), torch.device("cpu"))
     assert again == pytest.approx(summary["eval_loss"], rel=1e-4)
+
+
+def test_the_number_of_processes_is_not_part_of_the_fingerprint(tmp_path: Path):
+    """Moving a run to 2 GPUs (or FSDP) keeps its cached train output and its checkpoints' work folder."""
+    from forge.pipeline import fingerprint
+
+    def fp(**train) -> str:
+        loaded = LoadedConfig(config=ForgeConfig(train=TrainConfig(**train)), source="test", root=tmp_path)
+        return fingerprint(TrainStage(), loaded, {"base": "b" * 64, "data": "d" * 64})
+
+    assert fp() == fp(nproc=2) == fp(nproc=8, distributed="fsdp")
+    assert fp() != fp(lr=1e-4)

@@ -1,0 +1,234 @@
+"""Activation recomputation by memory: which decoder layers keep their activations, which recompute them in
+the backward, and whether the recomputed layers' inputs wait in pinned CPU memory.
+
+`plan_recompute` estimates, from the model's config, what one decoder layer keeps for the backward per
+micro-batch and what the step needs besides (optimizer state, backward temporaries, the loss chunks). With
+``auto`` it keeps as many layers as fit in the free memory and recomputes the rest; when even recomputing
+every layer does not fit, the layer inputs go to pinned CPU memory (``offload``). ``full`` recomputes every
+layer, ``none`` none, ``offload`` recomputes every layer and offloads its input. Recomputing a layer costs
+one more forward of it; the embedding, the final norm and the loss are never recomputed.
+
+`apply_recompute` sets it on transformers' decoder layers (``GradientCheckpointingLayer``), per layer:
+non-reentrant `torch.utils.checkpoint` for recomputed layers, `OffloadedRecompute` for offloaded ones.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from forge.train.memory import free_memory_bytes
+
+HEADROOM = 0.9  # share of the free memory the plan may fill (the rest absorbs allocator fragmentation)
+MODES = ("auto", "none", "full", "offload")
+
+
+@dataclass(frozen=True)
+class RecomputePlan:
+    """The decision: `recompute` holds the decoder-layer indices recomputed in the backward; `offload` says
+    their inputs live in pinned CPU memory; `mode` is none, partial, full or offload."""
+
+    mode: str
+    layers: int
+    recompute: tuple[int, ...]
+    offload: bool
+    reason: str
+
+    def line(self) -> str:
+        """e.g. 'activation checkpointing: partial (recompute 12 of 32 layers; needs ~61.2 GiB, ...)'."""
+        what = f"recompute {len(self.recompute)} of {self.layers} layers"
+        if self.offload:
+            what += ", their inputs offloaded to pinned CPU memory"
+        return f"activation checkpointing: {self.mode} ({what}; {self.reason})"
+
+
+def _dims(config) -> tuple[int, int, int, int, int]:
+    """(hidden, q width, kv width, intermediate, layers) of a decoder-only config."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    return hidden, heads * head_dim, kv_heads * head_dim, inter, config.num_hidden_layers
+
+
+def layer_activation_bytes(config, tokens: int, act_bytes: int, fused: bool) -> int:
+    """Bytes one decoder layer keeps for its backward over `tokens` tokens, without recomputation.
+
+    Forge's fused path keeps: the two norm inputs and outputs, q/k/v after RoPE, the attention output twice
+    (attention's own copy and the O projection's input) and the MLP's gate and up outputs: 4h + 3q + 2kv + 2i
+    values a token. transformers + PEFT keep more (the LoRA inputs, the activation's input and output, the
+    product before the down projection): about 10h + 4i.
+    """
+    hidden, q, kv, inter, _ = _dims(config)
+    per_token = 4 * hidden + 3 * q + 2 * kv + 2 * inter if fused else 10 * hidden + 4 * inter
+    return tokens * per_token * act_bytes
+
+
+def layer_input_bytes(config, tokens: int, act_bytes: int) -> int:
+    """Bytes of one decoder layer's input (what a recomputed layer keeps)."""
+    return tokens * config.hidden_size * act_bytes
+
+
+def step_workspace_bytes(config, tokens: int, act_bytes: int, trainable: int) -> int:
+    """Bytes the step needs besides the kept activations: fp32 master, gradient and two AdamW moments per
+    trainable parameter, the backward's temporaries of one layer (about 4 intermediate + 4 hidden values a
+    token), and the loss: the hidden states' gradient plus one logits chunk about as large (fp32)."""
+    hidden, _, _, inter, _ = _dims(config)
+    backward = tokens * (4 * inter + 4 * hidden) * act_bytes
+    loss = tokens * hidden * (act_bytes + 4) * 2
+    return 16 * trainable + backward + loss
+
+
+def plan_recompute(
+    setting: str,
+    config,
+    tokens: int,
+    act_bytes: int,
+    trainable: int,
+    free_bytes: int | None,
+    fused: bool,
+    can_offload: bool,
+) -> RecomputePlan:
+    """The plan for `setting` (auto | none | full | offload) for micro-batches of `tokens` tokens.
+
+    auto keeps layers 0..k-1 and recomputes the last ones (any choice costs the same; the earliest layers'
+    backward comes last, when the memory of the others is already freed) with k as large as the free
+    memory allows; offload when even full recomputation does not fit and the device can offload (CUDA).
+    """
+    layers = config.num_hidden_layers
+    every = tuple(range(layers))
+    if setting not in MODES:
+        raise ValueError(f"train.gradient_checkpointing: {setting!r} is not one of {', '.join(MODES)}")
+    if setting == "none":
+        return RecomputePlan("none", layers, (), False, "train.gradient_checkpointing=none")
+    if setting == "full":
+        return RecomputePlan("full", layers, every, False, "train.gradient_checkpointing=full")
+    if setting == "offload":
+        if not can_offload:
+            return RecomputePlan("full", layers, every, False, "offload needs a CUDA device; recomputing instead")
+        return RecomputePlan("offload", layers, every, True, "train.gradient_checkpointing=offload")
+    kept = layer_activation_bytes(config, tokens, act_bytes, fused)
+    small = layer_input_bytes(config, tokens, act_bytes)
+    fixed = step_workspace_bytes(config, tokens, act_bytes, trainable)
+    need = fixed + layers * kept
+    if free_bytes is None:
+        return RecomputePlan("none", layers, (), False, "free memory unknown")
+    budget = HEADROOM * free_bytes - fixed
+    gib = 2**30
+    why = f"needs ~{need / gib:.1f} GiB without recomputation, {free_bytes / gib:.1f} GiB free"
+    if layers * kept <= budget:
+        return RecomputePlan("none", layers, (), False, why)
+    # k kept layers + (layers - k) inputs + one layer's activations while it is recomputed
+    keep = int((budget - layers * small - kept) // max(kept - small, 1))
+    if keep > 0:
+        return RecomputePlan("partial", layers, tuple(range(keep, layers)), False, why)
+    if layers * small + kept <= budget or not can_offload:
+        return RecomputePlan("full", layers, every, False, why)
+    return RecomputePlan("offload", layers, every, True, why)
+
+
+def plan_for_model(
+    model: torch.nn.Module, setting: str, tokens: int, device: torch.device, act_bytes: int
+) -> RecomputePlan:
+    """`plan_recompute` for a loaded (PEFT-wrapped, maybe patched) model on `device`, with the memory free now."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fused = any(getattr(m, "_forge_family", None) is not None for m in hf.modules())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    free = free_memory_bytes(device)
+    return plan_recompute(setting, hf.config, tokens, act_bytes, trainable, free, fused, device.type == "cuda")
+
+
+def decoder_layers(model: torch.nn.Module) -> list[GradientCheckpointingLayer]:
+    """The model's decoder layers in order (PEFT-wrapped or not)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [m for m in hf.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def apply_recompute(model: torch.nn.Module, plan: RecomputePlan) -> None:
+    """Set each decoder layer to keep, recompute, or recompute with an offloaded input, as planned."""
+    layers = decoder_layers(model)
+    if len(layers) != plan.layers:
+        raise ValueError(f"the plan is for {plan.layers} decoder layers, the model has {len(layers)}")
+    chosen = set(plan.recompute)
+    if chosen:
+        model.config.use_cache = False
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index in chosen
+        if index in chosen:
+            layer._gradient_checkpointing_func = (
+                offloaded_recompute
+                if plan.offload
+                else functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+            )
+
+
+class OffloadedRecompute(torch.autograd.Function):
+    """Run a layer without keeping its activations; keep only its input, copied to pinned CPU memory on a
+    side stream (the copy overlaps the next layers' compute), and recompute the layer in the backward.
+
+    Gradients reach the layer's trainable parameters through the recomputed graph, as in any
+    checkpointing; the RNG state is restored for the recomputation (dropout gives the same mask).
+    """
+
+    @staticmethod
+    def forward(ctx, run, hidden: torch.Tensor):
+        ctx.run = run
+        ctx.device = hidden.device
+        ctx.rng = torch.cuda.get_rng_state(hidden.device)
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        with torch.no_grad():
+            out = run(hidden)
+        stream = _copy_stream(hidden.device)
+        stream.wait_stream(torch.cuda.current_stream(hidden.device))
+        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            host.copy_(hidden, non_blocking=True)
+            ctx.copied = torch.cuda.Event()
+            ctx.copied.record(stream)
+        hidden.record_stream(stream)  # the allocator must not reuse it before the copy is done
+        ctx.host = host
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        ctx.copied.synchronize()
+        hidden = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(True)
+        ctx.host = None
+        rng_now, cpu_now = torch.cuda.get_rng_state(ctx.device), torch.get_rng_state()
+        torch.cuda.set_rng_state(ctx.rng, ctx.device)
+        torch.set_rng_state(ctx.cpu_rng)
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled):
+            out = ctx.run(hidden)
+        torch.cuda.set_rng_state(rng_now, ctx.device)
+        torch.set_rng_state(cpu_now)
+        torch.autograd.backward(out, grad_out)
+        return None, hidden.grad
+
+
+_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]
+
+
+def offloaded_recompute(run, hidden: torch.Tensor, *args):
+    """transformers' `_gradient_checkpointing_func` signature: run(hidden, *args) -> the layer's output."""
+    if args:
+        run = functools.partial(_with_args, run, args)
+    if not hidden.requires_grad:  # the first layer's input (frozen embeddings): its adapters still need grads
+        hidden = hidden.detach().requires_grad_(True)
+    return OffloadedRecompute.apply(run, hidden)
+
+
+def _with_args(run, args, hidden):
+    return run(hidden, *args)

@@ -1,0 +1,119 @@
+"""Activation recomputation by memory: the plan, and layers that recompute giving the same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from forge.train.memory import free_memory_bytes
+from forge.train.recompute import (
+    HEADROOM,
+    apply_recompute,
+    decoder_layers,
+    layer_activation_bytes,
+    layer_input_bytes,
+    plan_for_model,
+    plan_recompute,
+    step_workspace_bytes,
+)
+
+# Llama-3.1-8B's shape: the numbers a user of an 80 GB card sees.
+LLAMA_8B = LlamaConfig(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+)
+GIB = 2**30
+LORA_8B = 41_943_040  # r 16 on all seven projections
+
+
+def plan(setting, tokens, free, can_offload=True):
+    return plan_recompute(setting, LLAMA_8B, tokens, 2, LORA_8B, free, fused=True, can_offload=can_offload)
+
+
+def test_layer_estimate_of_the_fused_path_for_llama_8b():
+    # 4h + 3q + 2kv + 2i = 59,392 values a token, bf16
+    assert layer_activation_bytes(LLAMA_8B, 4096, 2, fused=True) == 4096 * 59_392 * 2
+    assert layer_input_bytes(LLAMA_8B, 4096, 2) == 4096 * 4096 * 2
+
+
+def test_auto_keeps_everything_when_it_fits():
+    p = plan("auto", 4096, free=62 * GIB)  # 2 x 2048 tokens on an 80 GB card after 16 GB of weights
+    assert (p.mode, p.recompute, p.offload) == ("none", (), False)
+    assert "GiB free" in p.reason
+
+
+def test_auto_recomputes_only_the_layers_that_do_not_fit():
+    tokens, free = 16384, 62 * GIB  # 2 x 8192 tokens: about 58 GiB of activations
+    p = plan("auto", tokens, free)
+    assert p.mode == "partial" and 0 < len(p.recompute) < 32
+    assert p.recompute == tuple(range(32 - len(p.recompute), 32))  # the last layers recompute
+    kept = 32 - len(p.recompute)
+    fixed = step_workspace_bytes(LLAMA_8B, tokens, 2, LORA_8B)
+    full, small = layer_activation_bytes(LLAMA_8B, tokens, 2, True), layer_input_bytes(LLAMA_8B, tokens, 2)
+    use = fixed + kept * full + len(p.recompute) * small + full
+    assert use <= HEADROOM * free < use + (full - small)  # as many kept layers as fit, and not one more
+
+
+def test_auto_offloads_when_even_full_recomputation_does_not_fit():
+    assert plan("auto", 4096, free=3.5 * GIB).mode == "full"
+    p = plan("auto", 65536, free=12 * GIB)
+    assert (p.mode, p.offload, len(p.recompute)) == ("offload", True, 32)
+    assert plan("auto", 65536, free=12 * GIB, can_offload=False).mode == "full"
+
+
+def test_explicit_settings_and_offload_without_a_gpu():
+    assert plan("none", 10**6, free=GIB).recompute == ()
+    assert len(plan("full", 16, free=80 * GIB).recompute) == 32
+    p = plan("offload", 16, free=80 * GIB, can_offload=False)
+    assert (p.mode, p.offload) == ("full", False) and "needs a CUDA device" in p.reason
+    with pytest.raises(ValueError, match="train.gradient_checkpointing: 'sometimes'"):
+        plan("sometimes", 16, free=GIB)
+
+
+def test_unknown_free_memory_keeps_everything():
+    assert plan("auto", 4096, free=None).reason == "free memory unknown"
+
+
+def lora_grads(model_dir, plan_layers: tuple[int, ...] | None, device: str = "cpu", offload: bool = False):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    if plan_layers is not None:
+        p = plan_for_model(model, "full", 32, torch.device(device), 4)
+        apply_recompute(model, type(p)("partial", p.layers, plan_layers, offload, "test"))
+        assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [
+            i in plan_layers for i in range(len(decoder_layers(model)))
+        ]
+    calls = [0] * len(decoder_layers(model))
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    model.train()
+    ids = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids.to(device), labels=ids.to(device)).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, calls
+
+
+def test_recomputing_some_layers_gives_the_same_gradients(tiny_llama_dir):
+    reference, calls = lora_grads(tiny_llama_dir, None)
+    partial, partial_calls = lora_grads(tiny_llama_dir, (1,))
+    assert (calls, partial_calls) == ([1, 1], [1, 2])  # only layer 1 ran its forward again in the backward
+    assert reference.keys() == partial.keys() and len(reference) > 0
+    for name, grad in reference.items():
+        torch.testing.assert_close(partial[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_plan_for_a_loaded_model_reads_its_config_and_free_memory(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert free_memory_bytes(torch.device("cpu")) > 0
+    p = plan_for_model(model, "auto", 64, torch.device("cpu"), 4)
+    assert (p.mode, p.layers) == ("none", 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, copy stream)")
+def test_offloaded_layers_give_the_same_gradients_on_gpu(tiny_llama_dir):
+    reference, _ = lora_grads(tiny_llama_dir, None, "cuda")
+    offloaded, calls = lora_grads(tiny_llama_dir, (0, 1), "cuda", offload=True)
+    assert calls == [2, 2]
+    for name, grad in reference.items():
+        torch.testing.assert_close(offloaded[name], grad, rtol=1e-5, atol=1e-7, msg=name)
