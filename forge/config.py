@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -100,6 +100,17 @@ class TrainConfig(Section):
     )
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl line every N steps.")
     wandb_project: str | None = Field(None, description="Log to Weights & Biases when installed and set.")
+    nproc: int = Field(
+        1,
+        gt=0,
+        description="Training processes on this host through torchrun, one per GPU (`forge run --gpus N`); "
+        "without CUDA, N CPU processes (gloo). Same result as 1: not part of the fingerprint.",
+    )
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="With nproc > 1: ddp replicates the model, fsdp shards it (FSDP2); auto: fsdp for full "
+        "fine-tunes and bases over half a GPU, else ddp. Not part of the fingerprint.",
+    )
 
 
 Quant = Literal["q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0", "f16", "bf16"]
@@ -150,6 +161,11 @@ class OllamaConfig(Section):
         {}, description="Modelfile PARAMETERs (temperature, top_p, num_ctx, ...)."
     )
     license: str | None = Field(None, description="LICENSE text or SPDX id.")
+    mode: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="merged: Modelfiles over the merged GGUFs; adapter: also the LoRA as a GGUF adapter over the "
+        "base GGUF (adapter.Modelfile, used by `ollama create`).",
+    )
 
 
 class PushConfig(Section):
@@ -180,6 +196,14 @@ class ForgeConfig(Section):
     eval: EvalConfig = EvalConfig()
     ollama: OllamaConfig = OllamaConfig()
     push: PushConfig = PushConfig()
+
+    @model_validator(mode="after")
+    def _adapter_mode_needs_an_adapter(self) -> ForgeConfig:
+        if self.ollama.mode == "adapter" and self.train.method == "full":
+            raise ValueError(
+                "'ollama.mode': adapter needs a LoRA adapter, but train.method is full; use ollama.mode merged"
+            )
+        return self
 
 
 class LoadedConfig(BaseModel):
@@ -251,6 +275,8 @@ def _parse_scalar(text: str) -> Any:
 
 def _first_error(err: ValidationError) -> str:
     first = err.errors()[0]
+    if not first["loc"]:  # a check across sections names its keys itself
+        return first["msg"].removeprefix("Value error, ")
     where = ".".join(str(p) for p in first["loc"])
     return f"'{where}': {first['msg']}"
 

@@ -87,8 +87,14 @@ def render_prompt(llm: Any, messages: Messages) -> str:
 
 
 def prompt_tokens(llm: Any, messages: Messages) -> list[int]:
-    """The conversation rendered with the GGUF's chat template and tokenized as llama.cpp does."""
-    return llm.tokenize(render_prompt(llm, messages).encode("utf-8"), add_bos=True, special=True)
+    """The conversation rendered with the GGUF's chat template and tokenized as llama.cpp does, with one BOS:
+    where the template writes BOS and the vocabulary also adds one (Llama 3, Gemma), the added one is dropped,
+    as Ollama's BOS-free template plus llama.cpp's own BOS give."""
+    tokens = llm.tokenize(render_prompt(llm, messages).encode("utf-8"), add_bos=True, special=True)
+    bos = bos_token(llm)
+    if len(tokens) > 1 and tokens[0] == tokens[1] == bos:
+        return tokens[1:]
+    return tokens
 
 
 def generate(llm: Any, prompt: str, tokens: list[int], max_tokens: int, repeat_penalty: float) -> Generation:

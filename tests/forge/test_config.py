@@ -68,3 +68,14 @@ def test_relative_paths_resolve_against_config_folder(tmp_path, monkeypatch):
     loaded = load_config(Path("proj/forge.yaml"))
     assert loaded.resolve(loaded.config.data.path) == sub / "data" / "train.jsonl"
     assert loaded.run_dir == sub / "runs" / "exp1"
+
+
+def test_adapter_mode_of_a_full_fine_tune_is_one_line_naming_the_keys(tmp_path):
+    cfg = tmp_path / "forge.yaml"
+    cfg.write_text("train:\n  method: full\nollama:\n  mode: adapter\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert str(err.value) == (
+        f"{cfg}: 'ollama.mode': adapter needs a LoRA adapter, but train.method is full; use ollama.mode merged"
+    )
+    assert load_config(cfg, ["train.method=qlora"]).config.ollama.mode == "adapter"

@@ -44,3 +44,12 @@ def with_eos(src: Path, dst: Path, token: str) -> Path:
     reader.fields["tokenizer.ggml.eos_token_id"].parts[-1][0] = token_id
     reader.data.flush()
     return dst
+
+
+def with_add_bos(src: Path, dst: Path) -> Path:
+    """A copy of the GGUF at src whose vocabulary adds BOS to every tokenization (rewritten in place)."""
+    shutil.copyfile(src, dst)
+    reader = gguf.GGUFReader(dst, "r+")
+    reader.fields["tokenizer.ggml.add_bos_token"].parts[-1][0] = True
+    reader.data.flush()
+    return dst

@@ -10,7 +10,7 @@ from forge.eval import EvalReport, GgufFile, evaluate, failure_table
 from forge.eval.generation import smoke_test
 from forge.eval.prompts import conversations_from_prompts, heldout_conversations
 
-from .eval_inputs import with_eos
+from .eval_inputs import with_add_bos, with_eos
 
 
 def test_every_smollm2_gguf_stops_at_the_end_of_its_turn(smollm2_report: EvalReport) -> None:
@@ -59,3 +59,19 @@ def test_an_eos_pointing_to_a_normal_token_fails_the_gate(
     table = failure_table(report.gate)
     assert "EOS token id 30 ('.') is a normal text token, not a control token" in table
     assert "stopped on '.' (id 30), a normal text token marked end-of-generation" in table
+
+
+def test_a_template_that_writes_bos_gives_one_bos_when_the_vocabulary_adds_one(smollm2_gguf: Path, tmp_path: Path):
+    # SmolLM2's template starts with <|im_start|>, its BOS; with add_bos_token on, llama.cpp prepends another.
+    from llama_cpp import Llama
+
+    from forge.eval.generation import prompt_tokens, render_prompt
+
+    messages = [{"role": "user", "content": "Convert 2 km to meters."}]
+    for path, adds in ((smollm2_gguf, False), (with_add_bos(smollm2_gguf, tmp_path / "bos.gguf"), True)):
+        llm = Llama(str(path), n_ctx=256, verbose=False)
+        bos = llm.token_bos()
+        raw = llm.tokenize(render_prompt(llm, messages).encode(), add_bos=True, special=True)
+        assert (raw[:2] == [bos, bos]) == adds, path.name
+        tokens = prompt_tokens(llm, messages)
+        assert tokens[0] == bos and tokens[1] != bos and tokens == raw[1 if adds else 0 :], path.name
