@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from forge.data.shards import IGNORE_INDEX, collate
 from forge.models.loss import causal_lm_loss
 from forge.models.patching import patch_for_training
+from forge.pipeline import versions
 
 # SmolLM2-135M(-Instruct)'s config.json, as tests/conftest.py's smollm2_hf_dir fixture writes it.
 SMOLLM2_135M = dict(
@@ -187,7 +188,7 @@ def main() -> int:
     result = {
         "model": str(args.model) if args.model else "SmolLM2-135M config, random init",
         "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, **_versions()},
+        "versions": versions(),
         "steps": args.steps,
         "tokens_per_step": 2 * args.rows * args.row_len,
         "max_rel_diff": diffs[worst],
@@ -198,14 +199,6 @@ def main() -> int:
     }
     print("RESULT " + json.dumps(result))
     return 0 if result["passed"] else 1
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-    import triton
-
-    return {"transformers": transformers.__version__, "peft": peft.__version__, "triton": triton.__version__}
 
 
 if __name__ == "__main__":

@@ -93,22 +93,6 @@ def make(out: Path, shape: str) -> None:
     print("made", out)
 
 
-def versions() -> dict[str, str]:
-    import peft
-    import transformers
-    import triton
-
-    out = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-    out["triton"] = triton.__version__
-    try:
-        import bitsandbytes
-
-        out["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        pass
-    return out
-
-
 def top_kernels(prof, step_ms: float, n: int = 25) -> list[dict]:
     """The n CUDA kernels with the most device time in the profiled step, with their share of the step; the
     first row sums every kernel (what is left of the step is the GPU waiting)."""
@@ -128,6 +112,7 @@ def top_kernels(prof, step_ms: float, n: int = 25) -> list[dict]:
 
 def run(args: argparse.Namespace) -> dict:
     from forge.config import TrainConfig
+    from forge.pipeline import versions
     from forge.train.loop import train_step
     from forge.train.model import load_model
     from forge.train.optim import make_optimizer

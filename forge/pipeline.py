@@ -466,7 +466,7 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     found = {"python": platform.python_version()}
-    for dist in ("forge-llm", "torch", "transformers", "peft", "gguf", "llama-cpp-python", "bitsandbytes"):
+    for dist in ("forge-llm", "torch", "transformers", "peft", "triton", "gguf", "llama-cpp-python", "bitsandbytes"):
         try:
             found[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from forge.eval.errors import EvalError
 from forge.eval.llama import default_threads, open_gguf
 from forge.eval.metrics import Accumulator, log_softmax
 from forge.eval.tokens import EvalSet
+from forge.torch_threads import torch_threads
 
 
 @dataclass
@@ -97,18 +96,6 @@ def gguf_perplexity(
     return _result(acc, time.perf_counter() - started, load_s)
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def hf_perplexity(hf_dir: Path, evalset: EvalSet, threads: int | None = None) -> Perplexity:
     """Perplexity of the HF model folder through PyTorch: float32 on CPU, its own dtype on CUDA."""
     import torch
@@ -118,7 +105,7 @@ def hf_perplexity(hf_dir: Path, evalset: EvalSet, threads: int | None = None) ->
         raise EvalError(f"{hf_dir}: not an HF model folder (no config.json)")
     cuda = torch.cuda.is_available()
     started = time.perf_counter()
-    with _torch_threads(threads or default_threads()):
+    with torch_threads(threads or default_threads()):
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype="auto" if cuda else torch.float32)
         model.to("cuda" if cuda else "cpu").eval()
         load_s = time.perf_counter() - started

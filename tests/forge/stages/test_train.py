@@ -14,6 +14,7 @@ from forge.config import ForgeConfig, LoadedConfig, TrainConfig
 from forge.data.shards import IGNORE_INDEX, Example, build_split, save_split
 from forge.pipeline import StageContext
 from forge.stages.train import TrainStage
+from forge.torch_threads import torch_threads
 from forge.train.loss import evaluate
 from forge.train.precision import Precision
 from forge.train.recipe import EVAL_SPLIT, read_split
@@ -56,12 +57,8 @@ def test_train_stage_fine_tunes_smollm2_into_a_loadable_adapter(smollm2_hf_dir: 
     stage = TrainStage()
     assert (stage.name, stage.needs, stage.config_keys) == ("train", ("base", "data"), ("train",))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # steadier than 2 on a 2-core machine that other test runs share
-    try:
+    with torch_threads(1):  # steadier than 2 on a 2-core machine that other test runs share
         summary = stage.run(ctx)
-    finally:
-        torch.set_num_threads(threads)
 
     assert summary["eval_loss"] < summary["initial_eval_loss"] - 0.3, summary
     assert summary["line"].startswith("lora 4 steps")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from forge.config import TrainConfig
+from forge.torch_threads import torch_threads
 
 from .synthetic import BOS, EOS, PAD, VOCAB, arithmetic_examples, write_data
 
@@ -57,19 +57,8 @@ def small_config() -> Callable[..., TrainConfig]:
     return make
 
 
-@contextmanager
-def threads(n: int) -> Iterator[None]:
-    """Run torch on n threads inside the block."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
     """Tiny models run fastest on one thread, and the 2-core CI machine is shared with other tests."""
-    with threads(1):
+    with torch_threads(1):
         yield
