@@ -30,13 +30,21 @@ MODES = ("auto", "none", "full", "offload")
 @dataclass(frozen=True)
 class RecomputePlan:
     """The decision: `recompute` holds the decoder-layer indices recomputed in the backward; `offload` says
-    their inputs live in pinned CPU memory; `mode` is none, partial, full or offload."""
+    their inputs live in pinned CPU memory."""
 
-    mode: str
     layers: int
     recompute: tuple[int, ...]
     offload: bool
     reason: str
+
+    @property
+    def mode(self) -> str:
+        """none, partial, full or offload."""
+        if self.offload:
+            return "offload"
+        if not self.recompute:
+            return "none"
+        return "full" if len(self.recompute) == self.layers else "partial"
 
     def line(self) -> str:
         """e.g. 'activation checkpointing: partial (recompute 12 of 32 layers; needs ~61.2 GiB, ...)'."""
@@ -105,31 +113,31 @@ def plan_recompute(
     if setting not in MODES:
         raise ValueError(f"train.gradient_checkpointing: {setting!r} is not one of {', '.join(MODES)}")
     if setting == "none":
-        return RecomputePlan("none", layers, (), False, "train.gradient_checkpointing=none")
+        return RecomputePlan(layers, (), False, "train.gradient_checkpointing=none")
     if setting == "full":
-        return RecomputePlan("full", layers, every, False, "train.gradient_checkpointing=full")
+        return RecomputePlan(layers, every, False, "train.gradient_checkpointing=full")
     if setting == "offload":
         if not can_offload:
-            return RecomputePlan("full", layers, every, False, "offload needs a CUDA device; recomputing instead")
-        return RecomputePlan("offload", layers, every, True, "train.gradient_checkpointing=offload")
+            return RecomputePlan(layers, every, False, "offload needs a CUDA device; recomputing instead")
+        return RecomputePlan(layers, every, True, "train.gradient_checkpointing=offload")
     kept = layer_activation_bytes(config, tokens, act_bytes, fused)
     small = layer_input_bytes(config, tokens, act_bytes)
     fixed = step_workspace_bytes(config, tokens, act_bytes, trainable)
     need = fixed + layers * kept
     if free_bytes is None:
-        return RecomputePlan("none", layers, (), False, "free memory unknown")
+        return RecomputePlan(layers, (), False, "free memory unknown")
     budget = HEADROOM * free_bytes - fixed
     gib = 2**30
     why = f"needs ~{need / gib:.1f} GiB without recomputation, {free_bytes / gib:.1f} GiB free"
     if layers * kept <= budget:
-        return RecomputePlan("none", layers, (), False, why)
+        return RecomputePlan(layers, (), False, why)
     # k kept layers + (layers - k) inputs + one layer's activations while it is recomputed
     keep = int((budget - layers * small - kept) // max(kept - small, 1))
     if keep > 0:
-        return RecomputePlan("partial", layers, tuple(range(keep, layers)), False, why)
+        return RecomputePlan(layers, tuple(range(keep, layers)), False, why)
     if layers * small + kept <= budget or not can_offload:
-        return RecomputePlan("full", layers, every, False, why)
-    return RecomputePlan("offload", layers, every, True, why)
+        return RecomputePlan(layers, every, False, why)
+    return RecomputePlan(layers, every, True, why)
 
 
 def plan_for_model(

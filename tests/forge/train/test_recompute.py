@@ -81,7 +81,7 @@ def lora_grads(model_dir, plan_layers: tuple[int, ...] | None, device: str = "cp
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     if plan_layers is not None:
         p = plan_for_model(model, "full", 32, torch.device(device), 4)
-        apply_recompute(model, type(p)("partial", p.layers, plan_layers, offload, "test"))
+        apply_recompute(model, type(p)(p.layers, plan_layers, offload, "test"))
         assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [
             i in plan_layers for i in range(len(decoder_layers(model)))
         ]
