@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from forge.config import ForgeConfig, LoadedConfig, TrainConfig
 from forge.pipeline import PipelineError, StageContext
 from forge.stages.train import TrainStage
+from forge.torch_threads import torch_threads
 from forge.train.metrics import read_metrics
 from forge.train.recipe import run_training
 
-from .conftest import threads
 from .synthetic import arithmetic_examples, write_data
 
 # 4 micro-batches of 4 per step: each of 2 ranks runs 2 whole micro-batches (DDP skips the first sync).
@@ -50,7 +50,7 @@ def one_process(base_model: Path, data: Path, train: TrainConfig, root: Path, wo
     out = root / "out"
     out.mkdir(parents=True)
     lines: list[str] = []
-    with threads(1):
+    with torch_threads(1):
         stats = run_training(base_model, data, train, out, work or root / "work", log=lines.append)
     return stats, out, lines
 

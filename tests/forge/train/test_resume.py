@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from forge.config import TrainConfig
+from forge.torch_threads import torch_threads
 from forge.train.metrics import read_metrics
 from forge.train.recipe import run_training
-
-from .conftest import threads
 
 CHILD = Path(__file__).with_name("train_child.py")
 # Dropout on, into a second epoch, a checkpoint every 4 steps: RNG, data order and optimizer state all matter.
@@ -58,7 +57,7 @@ def finish(spec_json: str) -> str:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_llama_dir, arithmetic_data, tmp_path_factory) -> Path:
     out, work = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("uninterrupted-work")
-    with threads(1):  # as in the children
+    with torch_threads(1):  # as in the children
         run_training(tiny_llama_dir, arithmetic_data, TrainConfig(**CONFIG), out, work, log=print)
     return out
 
