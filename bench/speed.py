@@ -154,8 +154,7 @@ def run(args: argparse.Namespace) -> dict:
     def step(i: int) -> None:
         ids = batches[i % 4]
         batch = {"input_ids": ids, "labels": ids, "position_ids": positions}
-        loss, _, _ = train_step(model, [batch], optimizer, None, 1.0, precision, device)
-        losses.append(loss)
+        losses.append(train_step(model, [batch], optimizer, None, 1.0, precision, device))
 
     for i in range(args.warmup):
         step(i)
@@ -165,6 +164,7 @@ def run(args: argparse.Namespace) -> dict:
         step(i)
     sync()
     dt = time.time() - t0
+    losses = [r.values()[0] for r in losses]
     result = dict(
         system=args.system,
         bits=args.bits,

@@ -4,29 +4,41 @@ A LoRA projection (PEFT's ``lora.Linear`` with dropout 0):
 
     y = x W^T (+ bias) + s (x A^T) B^T         W [out, in] frozen (dense or NF4), A [r, in], B [out, r]
 
-Backward, with xa = x A^T saved from the forward ([T, r], tiny) and dyb = dy B:
+computed as xa = x A^T, t = xa (s B)^T (+ bias), then y = t + x W^T by one big GEMM that reads t as its C
+(``addmm_`` in place), so the [T, out] output is written once rather than rewritten by a second pass.
 
-    dx = dy W + s dyb A        dA = s dyb^T x        dB = s dy^T xa
+Backward, with xa saved from the forward ([T, r], tiny) and dyb = dy (s B):
+
+    dx = dy W + dyb A        dA = dyb^T x        dB = s dy^T xa
+
+dx is again one big GEMM whose C is the small product dyb A; the products of further projections of the
+same input accumulate into it with ``addmm_``.
+
+Projections sharing an input (q, k, v; gate, up) that all have adapters with A's of one dtype share the
+small products: A_cat = [A_1; A_2; ...] (ranks may differ) gives every xa from one x A_cat^T; in backward
+the dyb's fill the columns of one [T, r_total] buffer, dA_cat = dyb^T x is one product split by rank, and
+dyb A_cat is one product, the C of the first dx GEMM. Otherwise each projection runs alone.
 
 The frozen weights never enter an autograd graph: the Functions take them as plain arguments, use them
 (dequantizing NF4 on the fly, forward and backward) and return no gradient for them. A dense frozen
 weight that requires grad is refused rather than silently left without a gradient.
 
 MLP (gate, up, down; h = act(e) * g with e, g the gate and up outputs): the forward saves x, e, g and the
-gate/up xa's; the backward computes dh = dy W_d + s_d (dy B_d) A_d, then one kernel (swiglu.py) gives
-h (recomputed, never saved), de and dg; then the down adapter's grads from h, and dx from both branches
-accumulated into one buffer with ``addmm_``.
+gate/up xa's; the backward computes dh = dy W_d + (dy s_d B_d) A_d, then one kernel (swiglu.py) gives
+h (recomputed, never saved), de and dg; then the down adapter's grads from h, and dx from both branches.
 
 QKV: one saved x and three projections; dx accumulates the three.
 
 The heavy products are cuBLAS matmuls (``torch.mm``/``addmm_``) in the compute dtype (x's, or autocast's
-when it is on); Triton does the NF4 dequantization and the activation. A and B may be fp32 masters:
-they are cast to the compute dtype for the products and their gradients are returned in their dtype.
+when it is on); Triton does the NF4 dequantization and the activation. A and B may be fp32 masters: each
+forward casts A (or A_cat) and s B to the compute dtype once (s folded into B's cast: one kernel) and saves
+those small copies for the backward; the gradients are returned in each parameter's own dtype.
 On CPU without Triton the same Functions run, with the PyTorch versions of those two kernels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -61,44 +73,115 @@ def _check(p: LoRAProj, name: str) -> None:
 # ------------------------------------------------------------------------------ shared forward/back
 
 
-def _proj_fwd(x: torch.Tensor, p: LoRAProj, A, B, dtype: torch.dtype):
-    """(y, xa) for x [T, in] in dtype; xa is None without an adapter."""
+def _scaled(t: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
+    """s t in dtype in one kernel (none when t is in dtype already and s is 1); t itself is never written."""
+    if s == 1.0:
+        return t.to(dtype)
+    return torch.mul(t, s, out=torch.empty_like(t, dtype=dtype))
+
+
+def _grad_dtypes(adapters: Sequence[tuple]) -> list[tuple[torch.dtype, torch.dtype] | None]:
+    """Each adapter's (A dtype, B dtype), the dtypes its gradients are returned in; None without one."""
+    return [None if A is None else (A.dtype, B.dtype) for A, B in adapters]
+
+
+class _Saved(NamedTuple):
+    """What the backward of projections sharing one input needs, in the compute dtype, one entry per
+    projection (None without an adapter): xa = x A^T, A, s B; and A_cat when the A's were concatenated
+    (the A's are then its row blocks and the xa's the column blocks of x A_cat^T)."""
+
+    xa: list[torch.Tensor | None]
+    a: list[torch.Tensor | None]
+    bs: list[torch.Tensor | None]
+    a_cat: torch.Tensor | None
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [*self.xa, *self.a, *self.bs, self.a_cat]
+
+    @classmethod
+    def load(cls, saved: Sequence[torch.Tensor | None], n: int) -> _Saved:
+        """The inverse of `tensors` for n projections."""
+        return cls(list(saved[:n]), list(saved[n : 2 * n]), list(saved[2 * n : 3 * n]), saved[3 * n])
+
+
+def _concat(adapters: Sequence[tuple]) -> bool:
+    """Whether projections sharing an input take the A_cat path: several, all with adapters, one A dtype."""
+    return len(adapters) > 1 and all(A is not None for A, _ in adapters) and len({A.dtype for A, _ in adapters}) == 1
+
+
+def _proj_out(x: torch.Tensor, p: LoRAProj, xa, bs, dtype: torch.dtype) -> torch.Tensor:
+    """y = x W^T (+ bias) (+ xa bs^T) for x [T, in] in dtype: the small terms first, read by the big GEMM as its C."""
     w = as_dense(p.weight, dtype)
-    y = x @ w.t()
-    del w
-    if p.bias is not None:
-        y += p.bias.to(dtype)
-    xa = None
-    if A is not None:
-        xa = x @ A.to(dtype).t()
-        y.addmm_(xa, B.to(dtype).t(), alpha=p.scaling)
-    return y, xa
+    bias = None if p.bias is None else p.bias.to(dtype)
+    if xa is None:
+        return x @ w.t() if bias is None else torch.addmm(bias, x, w.t())
+    t = xa @ bs.t() if bias is None else torch.addmm(bias, xa, bs.t())
+    return t.addmm_(x, w.t())  # in place: an out-of-place addmm would first copy t into a new y
 
 
-def _proj_bwd(
-    dy: torch.Tensor, x: torch.Tensor, xa, p: LoRAProj, A, B, dtype, dx, need_dx: bool, need_dA: bool, need_dB: bool
+def _shared_fwd(x: torch.Tensor, projs: Sequence[LoRAProj], adapters: Sequence[tuple], dtype: torch.dtype):
+    """([y], _Saved) for the projections sharing x [T, in] (in dtype), adapters their (A, B) pairs."""
+    bs = [None if B is None else _scaled(B, p.scaling, dtype) for p, (_, B) in zip(projs, adapters, strict=True)]
+    if _concat(adapters):
+        ranks = [A.shape[0] for A, _ in adapters]
+        a_cat = torch.cat([A for A, _ in adapters]).to(dtype)  # the masters concatenated, then cast once
+        a = list(a_cat.split(ranks))
+        xa = list((x @ a_cat.t()).split(ranks, dim=1))
+    else:
+        a_cat = None
+        a = [None if A is None else A.to(dtype) for A, _ in adapters]
+        xa = [None if ai is None else x @ ai.t() for ai in a]
+    ys = [_proj_out(x, p, xai, bsi, dtype) for p, xai, bsi in zip(projs, xa, bs, strict=True)]
+    return ys, _Saved(xa, a, bs, a_cat)
+
+
+def _shared_bwd(
+    dys: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    projs: Sequence[LoRAProj],
+    sv: _Saved,
+    dtype: torch.dtype,
+    need_dx: bool,
+    need_a: Sequence[bool],
+    need_b: Sequence[bool],
+    grad_dtypes: Sequence[tuple[torch.dtype, torch.dtype] | None],
 ):
-    """Adds this projection's share to dx (allocating it when None) and returns (dx, dA, dB)."""
-    dA = dB = None
-    dyb = None
-    if A is not None:
-        Bc = B.to(dtype)
-        dyb = dy @ Bc  # [T, r]
-        if need_dA:
-            dA = (dyb.t() @ x).mul_(p.scaling).to(A.dtype)
-        if need_dB:
-            if xa is None:
-                xa = x @ A.to(dtype).t()
-            dB = (dy.t() @ xa).mul_(p.scaling).to(B.dtype)
+    """(dx, [dA], [dB]) of the projections sharing x, from their output grads dys [T, out_i] in dtype."""
+    n = len(projs)
+    dA: list[torch.Tensor | None] = [None] * n
+    dB: list[torch.Tensor | None] = [None] * n
+    for i, p in enumerate(projs):
+        if sv.bs[i] is not None and need_b[i]:
+            dB[i] = _scaled(dys[i].t() @ sv.xa[i], p.scaling, grad_dtypes[i][1])
+    dyb: list[torch.Tensor | None] = [None] * n  # dy (s B) [T, r]
+    dx = None
+    if sv.a_cat is not None:
+        if need_dx or any(need_a):
+            ranks = [ai.shape[0] for ai in sv.a]
+            dyb_cat = x.new_empty(x.shape[0], sum(ranks))
+            for dy, bs, out in zip(dys, sv.bs, dyb_cat.split(ranks, dim=1), strict=True):
+                torch.mm(dy, bs, out=out)
+            if any(need_a):
+                grads = (dyb_cat.t() @ x).to(grad_dtypes[0][0]).split(ranks)
+                dA = [g if need else None for g, need in zip(grads, need_a, strict=True)]
+            if need_dx:
+                dx = dyb_cat @ sv.a_cat  # the C of the first dx GEMM below
+    else:
+        for i in range(n):
+            if sv.bs[i] is not None and (need_dx or need_a[i]):
+                dyb[i] = dys[i] @ sv.bs[i]
+                if need_a[i]:
+                    dA[i] = (dyb[i].t() @ x).to(grad_dtypes[i][0])
     if need_dx:
-        w = as_dense(p.weight, dtype)
-        if dx is None:
-            dx = dy @ w
-        else:
-            dx.addmm_(dy, w)
-        del w
-        if dyb is not None:
-            dx.addmm_(dyb, A.to(dtype), alpha=p.scaling)
+        for i, p in enumerate(projs):
+            w = as_dense(p.weight, dtype)
+            if dx is None:
+                dx = dys[i] @ w if dyb[i] is None else torch.mm(dyb[i], sv.a[i]).addmm_(dys[i], w)
+            else:
+                dx.addmm_(dys[i], w)
+                if dyb[i] is not None:
+                    dx.addmm_(dyb[i], sv.a[i])
+            del w
     return dx, dA, dB
 
 
@@ -114,19 +197,21 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, A, B, p: LoRAProj, dtype: torch.dtype):
         with no_autocast(x.device):
             x2 = _flat(x, dtype)
-            y, xa = _proj_fwd(x2, p, A, B, dtype)
-        ctx.save_for_backward(x2, xa, A, B)
-        ctx.p, ctx.dtype, ctx.x_meta = p, dtype, (x.shape, x.dtype)
+            (y,), sv = _shared_fwd(x2, (p,), ((A, B),), dtype)
+        ctx.save_for_backward(x2, *sv.tensors())
+        ctx.p, ctx.dtype, ctx.x_meta, ctx.grad_dtypes = p, dtype, (x.shape, x.dtype), _grad_dtypes(((A, B),))
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, A, B = ctx.saved_tensors
+        x2, *saved = ctx.saved_tensors
         shape, xdtype = ctx.x_meta
         need = ctx.needs_input_grad
         with no_autocast(x2.device):
             dy2 = _flat(dy, ctx.dtype)
-            dx, dA, dB = _proj_bwd(dy2, x2, xa, ctx.p, A, B, ctx.dtype, None, need[0], need[1], need[2])
+            dx, (dA,), (dB,) = _shared_bwd(
+                (dy2,), x2, (ctx.p,), _Saved.load(saved, 1), ctx.dtype, need[0], need[1:2], need[2:3], ctx.grad_dtypes
+            )
         if dx is not None:
             dx = dx.view(shape).to(xdtype)
         return dx, dA, dB, None, None
@@ -138,44 +223,28 @@ class LoRALinearFunction(torch.autograd.Function):
 class LoRAQKVFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qA, qB, kA, kB, vA, vB, projs, dtype):
+        adapters = ((qA, qB), (kA, kB), (vA, vB))
         with no_autocast(x.device):
             x2 = _flat(x, dtype)
-            adapters = ((qA, qB), (kA, kB), (vA, vB))
-            outs, xas = [], []
-            for p, (A, B) in zip(projs, adapters, strict=True):
-                y, xa = _proj_fwd(x2, p, A, B, dtype)
-                outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-                xas.append(xa)
-        ctx.save_for_backward(x2, *xas, qA, qB, kA, kB, vA, vB)
+            ys, sv = _shared_fwd(x2, projs, adapters, dtype)
+        ctx.save_for_backward(x2, *sv.tensors())
         ctx.projs, ctx.dtype, ctx.x_meta = projs, dtype, (x.shape, x.dtype)
-        return tuple(outs)
+        ctx.grad_dtypes = _grad_dtypes(adapters)
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        x2, xa_q, xa_k, xa_v, qA, qB, kA, kB, vA, vB = ctx.saved_tensors
+        x2, *saved = ctx.saved_tensors
         shape, xdtype = ctx.x_meta
         need = ctx.needs_input_grad
-        grads = []
-        dx = None
         with no_autocast(x2.device):
-            for i, (dy, xa, A, B) in enumerate(((dq, xa_q, qA, qB), (dk, xa_k, kA, kB), (dv, xa_v, vA, vB))):
-                dx, dA, dB = _proj_bwd(
-                    _flat(dy, ctx.dtype),
-                    x2,
-                    xa,
-                    ctx.projs[i],
-                    A,
-                    B,
-                    ctx.dtype,
-                    dx,
-                    need[0],
-                    need[1 + 2 * i],
-                    need[2 + 2 * i],
-                )
-                grads += [dA, dB]
+            dys = [_flat(d, ctx.dtype) for d in (dq, dk, dv)]
+            dx, dA, dB = _shared_bwd(
+                dys, x2, ctx.projs, _Saved.load(saved, 3), ctx.dtype, need[0], need[1:7:2], need[2:7:2], ctx.grad_dtypes
+            )
         if dx is not None:
             dx = dx.view(shape).to(xdtype)
-        return (dx, *grads, None, None)
+        return (dx, *(g for pair in zip(dA, dB, strict=True) for g in pair), None, None)
 
 
 # --------------------------------------------------------------------------------------------- MLP
@@ -185,46 +254,58 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gA, gB, uA, uB, dA, dB, projs, activation: str, dtype):
         gate, up, down = projs
+        adapters = ((gA, gB), (uA, uB), (dA, dB))
         with no_autocast(x.device):
             x2 = _flat(x, dtype)
-            e, xa_g = _proj_fwd(x2, gate, gA, gB, dtype)
-            g, xa_u = _proj_fwd(x2, up, uA, uB, dtype)
+            (e, g), sv = _shared_fwd(x2, (gate, up), adapters[:2], dtype)
             h = glu_forward(e, g, activation)
-            y, _ = _proj_fwd(h, down, dA, dB, dtype)  # h A_d^T is recomputed in backward with h
+            (y,), sd = _shared_fwd(h, (down,), adapters[2:], dtype)  # h A_d^T is recomputed in backward with h
             del h
-        ctx.save_for_backward(x2, e, g, xa_g, xa_u, gA, gB, uA, uB, dA, dB)
+        ctx.save_for_backward(x2, e, g, *sv.tensors(), *sd.a, *sd.bs)
         ctx.projs, ctx.activation, ctx.dtype, ctx.x_meta = projs, activation, dtype, (x.shape, x.dtype)
+        ctx.grad_dtypes = _grad_dtypes(adapters)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, e, g, xa_g, xa_u, gA, gB, uA, uB, dA_, dB_ = ctx.saved_tensors
+        x2, e, g, *saved = ctx.saved_tensors
+        a_d, bs_d = saved[7:]
         gate, up, down = ctx.projs
         shape, xdtype = ctx.x_meta
         need = ctx.needs_input_grad
         dtype = ctx.dtype
         with no_autocast(x2.device):
             dy2 = _flat(dy, dtype)
-            # dh = dy W_d + s_d (dy B_d) A_d
+            # dh = dy W_d + (dy s_d B_d) A_d, the LoRA term as the GEMM's C
             wd = as_dense(down.weight, dtype)
-            dh = dy2 @ wd
-            del wd
             dyb = None
-            if dA_ is not None:
-                dyb = dy2 @ dB_.to(dtype)
-                dh.addmm_(dyb, dA_.to(dtype), alpha=down.scaling)
+            if a_d is None:
+                dh = dy2 @ wd
+            else:
+                dyb = dy2 @ bs_d
+                dh = torch.mm(dyb, a_d).addmm_(dy2, wd)
+            del wd
             h, de, dg = glu_backward(dh, e, g, ctx.activation, h_into_dh=True)
             del dh
             grad_dA = grad_dB = None
-            if dA_ is not None:
+            if a_d is not None:
+                a_dtype, b_dtype = ctx.grad_dtypes[2]
                 if need[5]:
-                    grad_dA = (dyb.t() @ h).mul_(down.scaling).to(dA_.dtype)
+                    grad_dA = (dyb.t() @ h).to(a_dtype)
                 if need[6]:
-                    grad_dB = (dy2.t() @ (h @ dA_.to(dtype).t())).mul_(down.scaling).to(dB_.dtype)
+                    grad_dB = _scaled(dy2.t() @ (h @ a_d.t()), down.scaling, b_dtype)
             del h, dyb
-            dx, grad_gA, grad_gB = _proj_bwd(de, x2, xa_g, gate, gA, gB, dtype, None, need[0], need[1], need[2])
-            del de
-            dx, grad_uA, grad_uB = _proj_bwd(dg, x2, xa_u, up, uA, uB, dtype, dx, need[0], need[3], need[4])
+            dx, (grad_gA, grad_uA), (grad_gB, grad_uB) = _shared_bwd(
+                (de, dg),
+                x2,
+                (gate, up),
+                _Saved.load(saved, 2),
+                dtype,
+                need[0],
+                (need[1], need[3]),
+                (need[2], need[4]),
+                ctx.grad_dtypes[:2],
+            )
         if dx is not None:
             dx = dx.view(shape).to(xdtype)
         return dx, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB, None, None, None

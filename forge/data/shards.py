@@ -141,4 +141,4 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     eager attention adds the mask to the scores, so a boolean mask there is silently wrong; this float
     form is right for both (use it unless the attention implementation is known to take booleans).
     """
-    return torch.where(mask, torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+    return torch.full(mask.shape, torch.finfo(dtype).min, dtype=dtype, device=mask.device).masked_fill_(mask, 0.0)

@@ -15,6 +15,13 @@ def _activation_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
     return model.get_input_embeddings().weight.dtype
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; a CPU tensor goes to a GPU through pinned memory without a host sync."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def causal_lm_loss(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
@@ -36,19 +43,21 @@ def causal_lm_loss(
     Unpatched: transformers' own loss (``num_items_in_batch``), so both paths give the same number.
     """
     device = model.get_input_embeddings().weight.device
-    labels = batch["labels"].to(device)
+    labels = batch["labels"]
     position_ids = batch.get("position_ids")
     if position_ids is not None:
-        position_ids = position_ids.to(device)
-        labels = labels.masked_fill(position_ids == 0, IGNORE_INDEX)
+        labels = labels.masked_fill(position_ids.to(labels.device) == 0, IGNORE_INDEX)
+    labels = _to_device(labels, device)
+    if position_ids is not None:
+        position_ids = _to_device(position_ids, device)
     mask = batch.get("attention_mask")
     if mask is not None:
-        mask = mask.to(device)
+        mask = _to_device(mask, device)
         if mask.dtype == torch.bool and mask.dim() == 4:  # eager attention adds the mask: make it additive
             dtype = _activation_dtype(model, device)
             mask = additive_mask(mask, dtype)
     out = model(
-        input_ids=batch["input_ids"].to(device),
+        input_ids=_to_device(batch["input_ids"], device),
         attention_mask=mask,
         position_ids=position_ids,
         labels=labels,

@@ -65,9 +65,13 @@ class Parallel:
         """Element-wise sum over all ranks (float64)."""
         if self.world == 1:
             return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
+        return self.sum_(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over all ranks in place, without a host sync; returned for chaining."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
 
     def seed_rank(self, seed: int, step: int) -> None:
         """Give ranks > 0 their own dropout stream (rank 0 keeps the 1-process one, restored on resume)."""
@@ -216,16 +220,18 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
 
 
-def clip_gradients(params: Iterable[torch.Tensor], max_norm: float | None) -> float:
-    """Clip to max_norm (None: only measure) and return the total gradient norm over all ranks' shards."""
+def clip_gradients(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Clip to max_norm (None: only measure) and return the total gradient norm over all ranks' shards, as a
+    device tensor (reading it is left to the caller: no host sync here)."""
     from torch.distributed.tensor import DTensor
 
     params = list(params)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm or float("inf"), norm)
-    return float(norm)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def quiet(_line: str) -> None:

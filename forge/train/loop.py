@@ -19,6 +19,7 @@ from forge.train.metrics import MetricsLog
 from forge.train.optim import make_optimizer, make_scheduler
 from forge.train.precision import Precision
 from forge.train.progress import TrainProgress
+from forge.train.scalars import DeviceScalars
 
 CHECKPOINTS = "checkpoints"
 
@@ -45,6 +46,29 @@ class LoopState:
         return self.tokens / self.train_seconds if self.train_seconds else 0.0
 
 
+@dataclass
+class StepResult:
+    """One optimizer step: its loss per target token and gradient norm (still on the device) and targets."""
+
+    scalars: DeviceScalars
+    targets: int
+
+    def values(self) -> tuple[float, float]:
+        """(loss per target token, grad norm): waits for this step's device work, not for later steps'."""
+        loss, grad_norm = self.scalars.values()
+        return loss, grad_norm
+
+
+@dataclass
+class QueuedStep:
+    """A step the loop has queued and not yet reported: what its log line needs besides the device values."""
+
+    step: int
+    lr: float
+    tokens: int
+    result: StepResult
+
+
 def train_step(
     model: torch.nn.Module,
     micro_batches: list[dict[str, torch.Tensor]],
@@ -55,8 +79,8 @@ def train_step(
     device: torch.device,
     parallel: Parallel = SINGLE,
     targets: int | None = None,
-) -> tuple[float, float, int]:
-    """One optimizer step over the micro-batches: returns (loss per target token, grad norm, targets).
+) -> StepResult:
+    """One optimizer step over the micro-batches, queued without a host sync (the fp16 GradScaler aside).
 
     Each micro-batch's summed loss is divided by the target tokens of the whole accumulated batch, so the
     gradient is that of one big batch whatever the split into micro-batches. With several processes the
@@ -66,14 +90,14 @@ def train_step(
     if targets is None:
         targets = sum(count_targets(b) for b in micro_batches)
     forward = parallel.forward_module(model)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro_batches):
         with parallel.sync(last=i == len(micro_batches) - 1):
             loss_sum = summed_loss(forward, batch, precision, device)
             scaled = loss_sum * parallel.world / max(targets, 1)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += float(loss_sum.detach())
-    (total,) = parallel.sum([total])
+        total += loss_sum.detach()
+    parallel.sum_(total)
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -84,7 +108,7 @@ def train_step(
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / max(targets, 1), grad_norm, targets
+    return StepResult(DeviceScalars(total / max(targets, 1), grad_norm), targets)
 
 
 def train_loop(
@@ -150,8 +174,30 @@ def train_loop(
     model.train()
     try:
         with TrainProgress(total, state.step, show_progress and parallel.is_main) as bar:
+
+            def report(done: QueuedStep) -> None:
+                """Log a finished step (reading its loss waits for that step only)."""
+                loss, grad_norm = done.result.values()
+                state.train_loss = loss
+                if metrics is not None and (done.step % cfg.log_every == 0 or done.step == total):
+                    metrics.write(
+                        {
+                            "step": done.step,
+                            "epoch": round(order.epoch_at(done.step), 4),
+                            "loss": loss,
+                            "lr": done.lr,
+                            "grad_norm": grad_norm,
+                            "tokens": done.tokens,
+                            "tokens_per_s": round(state.tokens_per_s, 1),
+                        }
+                    )
+                bar.update(done.step, loss, done.lr, state.tokens_per_s, state.eval_loss)
+
+            # Step N is reported once step N+1 is queued, so the GPU never waits for the host to read a loss;
+            # before an eval, a checkpoint and at the end the queued step is reported (and so finished) first.
+            queued: QueuedStep | None = None
+            clock = time.perf_counter()
             while state.step < total and not state.early_stopped:
-                started = time.perf_counter()
                 indices = order.step(state.step)
                 micro_batches = [  # an empty share runs a masked batch: every rank makes the same collectives
                     make_batch(train_split, idx, pad_id) if idx else masked_batch(train_split, indices[0][0], pad_id)
@@ -161,38 +207,34 @@ def train_loop(
                 if parallel.world > 1:  # the whole step's, counted from the split (every rank knows the order)
                     step_targets = sum(sequence_targets(train_split, i) for idx in indices for i in idx)
                 lr = scheduler.get_last_lr()[0]
-                loss, grad_norm, targets = train_step(
+                result = train_step(
                     model, micro_batches, optimizer, scaler, cfg.max_grad_norm, precision, device,
                     parallel, step_targets,
                 )
                 scheduler.step()
                 state.step += 1
-                state.train_loss = loss
-                state.target_tokens += targets
+                state.target_tokens += result.targets
                 state.tokens += sum(sequence_length(train_split, i) for idx in indices for i in idx)
-                state.train_seconds += time.perf_counter() - started
+                if queued is not None:
+                    report(queued)
+                queued = QueuedStep(state.step, lr, state.tokens, result)
 
-                if metrics is not None and (state.step % cfg.log_every == 0 or state.step == total):
-                    metrics.write(
-                        {
-                            "step": state.step,
-                            "epoch": round(order.epoch_at(state.step), 4),
-                            "loss": loss,
-                            "lr": lr,
-                            "grad_norm": grad_norm,
-                            "tokens": state.tokens,
-                            "tokens_per_s": round(state.tokens_per_s, 1),
-                        }
-                    )
-                if has_eval and (state.step % cfg.eval_every == 0 or state.step == total):
+                evaluating = has_eval and (state.step % cfg.eval_every == 0 or state.step == total)
+                saving = state.step % cfg.save_every == 0 and state.step < total
+                if evaluating or saving or state.step == total:
+                    report(queued)
+                    queued = None
+                now = time.perf_counter()
+                state.train_seconds += now - clock
+                if evaluating:
                     run_eval()
-                bar.update(state.step, loss, lr, state.tokens_per_s, state.eval_loss)
-                saving = state.step % cfg.save_every == 0 and state.step < total and not state.early_stopped
-                if saving and (parallel.is_main or parallel.mode == "fsdp"):  # FSDP: every rank gathers shards
-                    save_checkpoint(
+                    bar.update(state.step, state.train_loss, lr, state.tokens_per_s, state.eval_loss)
+                if saving and not state.early_stopped and (parallel.is_main or parallel.mode == "fsdp"):
+                    save_checkpoint(  # FSDP: every rank gathers shards
                         work / CHECKPOINTS, state.step, model, optimizer, scheduler, scaler, asdict(state),
                         write=parallel.is_main,
                     )
+                clock = time.perf_counter() if evaluating or saving else now
     except KeyboardInterrupt:
         if parallel.is_main:
             latest = latest_checkpoint(work / CHECKPOINTS)

@@ -179,14 +179,17 @@ class OffloadedRecompute(torch.autograd.Function):
     """Run a layer without keeping its activations; keep only its input, copied to pinned CPU memory on a
     side stream (the copy overlaps the next layers' compute), and recompute the layer in the backward.
 
-    Gradients reach the layer's trainable parameters through the recomputed graph, as in any
-    checkpointing; the RNG state is restored for the recomputation (dropout gives the same mask).
+    The copy back is prefetched: a layer whose input is the previous offloaded layer's output links to it,
+    and its backward starts that layer's host-to-device copy on the side stream before recomputing itself,
+    so the copy overlaps this layer's recomputation and backward instead of stalling the compute stream.
+    No host sync anywhere: the streams wait for each other on the device. Gradients reach the layer's
+    trainable parameters through the recomputed graph, as in any checkpointing; the RNG state is restored
+    for the recomputation (dropout gives the same mask).
     """
 
     @staticmethod
-    def forward(ctx, run, hidden: torch.Tensor):
-        ctx.run = run
-        ctx.device = hidden.device
+    def forward(ctx, run, hidden: torch.Tensor, previous):
+        ctx.run, ctx.device, ctx.previous = run, hidden.device, previous
         ctx.rng = torch.cuda.get_rng_state(hidden.device)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
@@ -194,20 +197,19 @@ class OffloadedRecompute(torch.autograd.Function):
             out = run(hidden)
         stream = _copy_stream(hidden.device)
         stream.wait_stream(torch.cuda.current_stream(hidden.device))
-        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        ctx.host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
         with torch.cuda.stream(stream):
-            host.copy_(hidden, non_blocking=True)
-            ctx.copied = torch.cuda.Event()
-            ctx.copied.record(stream)
+            ctx.host.copy_(hidden, non_blocking=True)
         hidden.record_stream(stream)  # the allocator must not reuse it before the copy is done
-        ctx.host = host
+        ctx.gpu = ctx.ready = None
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        ctx.copied.synchronize()
-        hidden = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(True)
-        ctx.host = None
+        hidden = _take_input(ctx)
+        if ctx.previous is not None:  # the layer before runs its backward next: bring its input now
+            _prefetch(ctx.previous)
+            ctx.previous = None
         rng_now, cpu_now = torch.cuda.get_rng_state(ctx.device), torch.get_rng_state()
         torch.cuda.set_rng_state(ctx.rng, ctx.device)
         torch.set_rng_state(ctx.cpu_rng)
@@ -217,7 +219,29 @@ class OffloadedRecompute(torch.autograd.Function):
         torch.cuda.set_rng_state(rng_now, ctx.device)
         torch.set_rng_state(cpu_now)
         torch.autograd.backward(out, grad_out)
-        return None, hidden.grad
+        return None, hidden.grad, None
+
+
+def _prefetch(ctx) -> None:
+    """Start copying an offloaded layer input back to the GPU on the side stream (once)."""
+    if ctx.gpu is not None or ctx.host is None:
+        return
+    stream = _copy_stream(ctx.device)
+    with torch.cuda.stream(stream):  # after the device-to-host copy, queued on the same stream
+        ctx.gpu = ctx.host.to(ctx.device, non_blocking=True)
+        ctx.ready = torch.cuda.Event()
+        ctx.ready.record(stream)
+
+
+def _take_input(ctx) -> torch.Tensor:
+    """The layer's input back on the GPU, for the compute stream, as a leaf that requires grad."""
+    _prefetch(ctx)
+    compute = torch.cuda.current_stream(ctx.device)
+    compute.wait_event(ctx.ready)
+    hidden = ctx.gpu
+    hidden.record_stream(compute)  # allocated on the side stream, used and freed on the compute stream
+    ctx.gpu = ctx.host = ctx.ready = None
+    return hidden.requires_grad_(True)
 
 
 _streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -233,9 +257,10 @@ def offloaded_recompute(run, hidden: torch.Tensor, *args):
     """transformers' `_gradient_checkpointing_func` signature: run(hidden, *args) -> the layer's output."""
     if args:
         run = functools.partial(_with_args, run, args)
+    previous = hidden.grad_fn if type(hidden.grad_fn) is OffloadedRecompute._backward_cls else None
     if not hidden.requires_grad:  # the first layer's input (frozen embeddings): its adapters still need grads
         hidden = hidden.detach().requires_grad_(True)
-    return OffloadedRecompute.apply(run, hidden)
+    return OffloadedRecompute.apply(run, hidden, previous)
 
 
 def _with_args(run, args, hidden):

@@ -16,9 +16,22 @@ from forge.kernels import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 HIDDEN, INTER, RANK = 64, 96, 4
+MLP_SHAPES = ((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))  # (out, in) of gate, up, down
 
 
-def _proj(out_f, in_f, *, nf4=False, adapter=True, bias=False, dtype=torch.float32, seed=0):
+def _proj(
+    out_f,
+    in_f,
+    *,
+    nf4=False,
+    adapter=True,
+    bias=False,
+    dtype=torch.float32,
+    seed=0,
+    rank=RANK,
+    scaling=2.0,
+    adapter_dtype=torch.float32,
+):
     g = torch.Generator(device="cpu").manual_seed(seed)
     w = (torch.randn(out_f, in_f, generator=g) * in_f**-0.5).to(DEVICE)
     if nf4:
@@ -28,11 +41,11 @@ def _proj(out_f, in_f, *, nf4=False, adapter=True, bias=False, dtype=torch.float
     else:
         weight = w.to(dtype)
     A = B = None
-    if adapter:  # fp32 masters, as PEFT keeps them; B nonzero so every gradient is exercised
-        A = (torch.randn(RANK, in_f, generator=g) * 0.2).to(DEVICE).requires_grad_()
-        B = (torch.randn(out_f, RANK, generator=g) * 0.2).to(DEVICE).requires_grad_()
+    if adapter:  # fp32 masters by default, as PEFT keeps them; B nonzero so every gradient is exercised
+        A = (torch.randn(rank, in_f, generator=g) * 0.2).to(DEVICE, adapter_dtype).requires_grad_()
+        B = (torch.randn(out_f, rank, generator=g) * 0.2).to(DEVICE, adapter_dtype).requires_grad_()
     b = (torch.randn(out_f, generator=g) * 0.1).to(DEVICE, dtype) if bias else None
-    return LoRAProj(weight, A, B, 2.0, b)
+    return LoRAProj(weight, A, B, scaling, b)
 
 
 def _adapter_tensors(*projs):
@@ -54,6 +67,23 @@ def _check(kc, out, ref, inputs, tol):
     for i, (a, b) in enumerate(zip(kc.grads(outs, inputs, g), kc.grads(refs, inputs, g), strict=True)):
         assert a.dtype == inputs[i].dtype
         kc.assert_close(a, b, tol, f"grad of input {i}")
+
+
+@pytest.fixture
+def concat(monkeypatch):
+    """The A_cat decisions (`_concat`) the Functions make during a test, in call order: the shared-input
+    cases below assert which path they ran, so each keeps covering the branch it is named for."""
+    import forge.kernels.lora as lora
+
+    seen = []
+    real = lora._concat
+
+    def spy(adapters):
+        seen.append(real(adapters))
+        return seen[-1]
+
+    monkeypatch.setattr(lora, "_concat", spy)
+    return seen
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -92,6 +122,77 @@ def test_lora_qkv(kc, nf4, backend):
     _check(kc, out, ref, [x, *_adapter_tensors(q, k, v)], kc.tol[torch.float32])
 
 
+QKV_CASES = {  # per projection (q, k, v): (rank or None for no adapter, scaling, bias)
+    "ranks": ((4, 2.0, True), (8, 0.5, True), (2, 1.0, True)),  # A_cat with ranks that differ
+    "ranks_nobias": ((6, 0.25, False), (4, 2.0, False), (4, 2.0, False)),
+    "q_only": ((4, 2.0, True), (None, 1.0, True), (None, 1.0, False)),
+    "kv_only": ((None, 1.0, False), (3, 0.5, True), (5, 4.0, False)),
+}
+
+
+@pytest.mark.parametrize("case", list(QKV_CASES))
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_lora_qkv_shared_input(kc, case, nf4, backend, concat):
+    """q, k, v: the A_cat path when all three have adapters (ranks and scalings differing, with and without
+    biases), per projection when only some have one."""
+    q, k, v = (
+        _proj(o, HIDDEN, nf4=nf4, adapter=r is not None, bias=b, seed=80 + n, rank=r or RANK, scaling=s)
+        for n, (o, (r, s, b)) in enumerate(zip((HIDDEN, 32, 48), QKV_CASES[case], strict=True))
+    )
+    x = _x(torch.float32)
+    out = lora_qkv(x, q, k, v)
+    assert concat == [case.startswith("ranks")]
+    ref = tuple(lora_proj_reference(x, p) for p in (q, k, v))
+    _check(kc, out, ref, [x, *_adapter_tensors(q, k, v)], kc.tol[torch.float32])
+
+
+MLP_CASES = {  # per projection (gate, up, down): (rank or None for no adapter, scaling)
+    "ranks": ((4, 2.0), (8, 0.5), (6, 1.0)),  # gate+up through A_cat with ranks that differ
+    "gate_up_only": ((2, 4.0), (5, 0.25), (None, 1.0)),
+    "up_and_down": ((None, 1.0), (4, 2.0), (3, 0.5)),
+}
+
+
+@pytest.mark.parametrize("case", list(MLP_CASES))
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_lora_mlp_shared_input(kc, case, nf4, backend, concat):
+    """gate and up: the A_cat path when both have adapters (ranks and scalings differing), per projection
+    when only one has; down with or without one."""
+    gate, up, down = (
+        _proj(o, i, nf4=nf4, adapter=r is not None, seed=90 + n, rank=r or RANK, scaling=s)
+        for n, ((o, i), (r, s)) in enumerate(zip(MLP_SHAPES, MLP_CASES[case], strict=True))
+    )
+    x = _x(torch.float32)
+    y = lora_mlp(x, gate, up, down, "silu")
+    assert concat == [case != "up_and_down", False]
+    ref = lora_mlp_reference(x, gate, up, down, "silu")
+    _check(kc, y, ref, [x, *_adapter_tensors(gate, up, down)], kc.tol[torch.float32])
+
+
+def test_lora_frozen_adapter_and_input(kc, concat):
+    """Gradients only for what requires them: a frozen k adapter and an input without grad, on the A_cat
+    path (q, k, v) and beside it (gate, up with a frozen gate A)."""
+    q, k, v = (_proj(o, HIDDEN, seed=100 + n, rank=2 + 2 * n) for n, o in enumerate((HIDDEN, 32, 32)))
+    k.A.requires_grad_(False)
+    k.B.requires_grad_(False)
+    x = _x(torch.float32).detach()
+    out = lora_qkv(x, q, k, v)
+    ref = tuple(lora_proj_reference(x, p) for p in (q, k, v))
+    _check(kc, out, ref, [q.A, q.B, v.A, v.B], kc.tol[torch.float32])
+
+    gate, up, down = (_proj(o, i, seed=110 + n) for n, (o, i) in enumerate(MLP_SHAPES))
+    gate.A.requires_grad_(False)
+    y = lora_mlp(x, gate, up, down, "silu")
+    _check(
+        kc,
+        y,
+        lora_mlp_reference(x, gate, up, down, "silu"),
+        [gate.B, up.A, up.B, down.A, down.B],
+        kc.tol[torch.float32],
+    )
+    assert concat == [True, True, False]
+
+
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 def test_lora_linear(kc, nf4, backend):
     o = _proj(HIDDEN, HIDDEN, nf4=nf4, seed=30)
@@ -99,26 +200,65 @@ def test_lora_linear(kc, nf4, backend):
     _check(kc, lora_linear(x, o), lora_proj_reference(x, o), [x, o.A, o.B], kc.tol[torch.float32])
 
 
-def test_lora_mlp_bf16(kc):
-    """bf16 activations and frozen weights, fp32 adapters: against the fp32 computation on the same values."""
+def _check_bf16(kc, out, ref, x, x32, params):
+    """bf16 outputs and gradients (of x and params) against the fp32 computation on the same values."""
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    for i, (o, r) in enumerate(zip(outs, refs, strict=True)):
+        assert o.dtype == torch.bfloat16
+        kc.assert_close(o, r, kc.tol[torch.bfloat16], f"output {i}")
+    g = [torch.randn_like(r) for r in refs]
+    got = kc.grads(outs, [x, *params], g)
+    exp = kc.grads(refs, [x32, *params], g)
+    for i, (a, b) in enumerate(zip(got, exp, strict=True)):
+        assert a.dtype == ([x, *params][i]).dtype
+        kc.assert_close(a, b, kc.tol[torch.bfloat16], f"grad {i}")
+
+
+def _as32(*projs):
+    return [p._replace(weight=p.weight.float(), bias=None if p.bias is None else p.bias.float()) for p in projs]
+
+
+@pytest.mark.parametrize(("ranks", "scalings"), [((4, 4, 4), (2.0, 2.0, 2.0)), ((4, 8, 2), (2.0, 0.5, 1.0))])
+def test_lora_mlp_bf16(kc, ranks, scalings, concat):
+    """bf16 activations and frozen weights, fp32 adapters (gate and up through A_cat, equal ranks or not)."""
     gate, up, down = (
-        _proj(INTER, HIDDEN, dtype=torch.bfloat16, seed=40),
-        _proj(INTER, HIDDEN, dtype=torch.bfloat16, seed=41),
-        _proj(HIDDEN, INTER, dtype=torch.bfloat16, seed=42),
+        _proj(o, i, dtype=torch.bfloat16, seed=40 + n, rank=r, scaling=s)
+        for n, ((o, i), r, s) in enumerate(zip(MLP_SHAPES, ranks, scalings, strict=True))
     )
     x = _x(torch.bfloat16)
     y = lora_mlp(x, gate, up, down, "silu")
-    assert y.dtype == torch.bfloat16
-    as32 = [p._replace(weight=p.weight.float()) for p in (gate, up, down)]
+    assert concat == [True, False]  # gate+up concatenated; down alone
     x32 = x.detach().float().requires_grad_()
-    ref = lora_mlp_reference(x32, *as32, "silu")
-    kc.assert_close(y, ref, kc.tol[torch.bfloat16], "y")
-    g = torch.randn_like(ref)
-    params = _adapter_tensors(gate, up, down)
-    got = kc.grads(y, [x, *params], g)
-    exp = kc.grads(ref, [x32, *params], g)
-    for i, (a, b) in enumerate(zip(got, exp, strict=True)):
-        kc.assert_close(a, b, kc.tol[torch.bfloat16], f"grad {i}")
+    ref = lora_mlp_reference(x32, *_as32(gate, up, down), "silu")
+    _check_bf16(kc, y, ref, x, x32, _adapter_tensors(gate, up, down))
+
+
+@pytest.mark.parametrize("case", ["ranks", "some", "mixed_dtypes"])
+def test_lora_qkv_bf16(kc, case, concat):
+    """bf16 QKV with biases: A_cat over ranks 4/8/2 and scalings 2/0.5/1; k without an adapter; and q's
+    adapter in bf16 beside fp32 k and v (A dtypes differ: per projection)."""
+    ranks, scalings = (4, 8, 2), (2.0, 0.5, 1.0)
+    q, k, v = (
+        _proj(
+            o,
+            HIDDEN,
+            dtype=torch.bfloat16,
+            bias=True,
+            seed=70 + n,
+            rank=ranks[n],
+            scaling=scalings[n],
+            adapter=not (case == "some" and n == 1),
+            adapter_dtype=torch.bfloat16 if case == "mixed_dtypes" and n == 0 else torch.float32,
+        )
+        for n, o in enumerate((HIDDEN, 32, 32))
+    )
+    x = _x(torch.bfloat16)
+    out = lora_qkv(x, q, k, v)
+    assert concat == [case == "ranks"]
+    x32 = x.detach().float().requires_grad_()
+    ref = tuple(lora_proj_reference(x32, p) for p in _as32(q, k, v))
+    _check_bf16(kc, out, ref, x, x32, _adapter_tensors(q, k, v))
 
 
 def test_autocast_computes_in_autocast_dtype(kc):

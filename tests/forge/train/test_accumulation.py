@@ -26,7 +26,7 @@ def sgd_update(model_dir, micro_batches) -> tuple[float, dict[str, torch.Tensor]
     """Loss and weights after one plain-SGD step (lr 1, so the update is exactly the gradient)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    loss, _, _ = train_step(model, micro_batches, opt, None, None, FP32, CPU)
+    loss, _ = train_step(model, micro_batches, opt, None, None, FP32, CPU).values()
     return loss, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
