@@ -157,8 +157,10 @@ def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
 def _inv_normalizer(labels, normalizer, ignore_index, device) -> torch.Tensor:
     if normalizer is None:
         n = (labels != ignore_index).sum().clamp_min(1).float()
-    else:
-        n = torch.as_tensor(normalizer, device=device).float()
+    elif torch.is_tensor(normalizer):
+        n = normalizer.to(device).float()
+    else:  # a number: filled on the device (a host tensor copied over would make the step wait for the GPU)
+        return torch.full((1,), 1.0 / float(normalizer), device=device)
     return (1.0 / n).reshape(1)
 
 

@@ -18,7 +18,7 @@ def _activation_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`t` on `device`; a CPU tensor goes to a GPU through pinned memory without a host sync."""
     if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
+        return t.contiguous().pin_memory().to(device, non_blocking=True)  # expanded views: one copy each
     return t.to(device)
 
 
