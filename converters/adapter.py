@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from .architectures import GLOBAL_TENSORS
-from .convert import GENERAL_METADATA
+from .convert import MetadataValue, _general_metadata, _value_type
 from .errors import ConversionError
 from .hf_config import ModelConfig, load_model_config
 from .safetensors_io import StoredTensor, index_safetensors
@@ -37,6 +37,9 @@ LORA_WEIGHT = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_COPY = ".base_layer.weight"
+# keys the adapter format sets itself; a caller's metadata may not set them
+ADAPTER_KEYS = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.TYPE)
+ADAPTER_PREFIX = "adapter."
 
 # adapter_config.json options a llama.cpp LoRA cannot express (refused when set), and why
 INEXPRESSIBLE = {
@@ -105,13 +108,15 @@ def convert_lora_to_gguf(
     base_dir: Path,
     out_path: Path,
     out_type: str = "f16",
-    metadata: dict[str, str] | None = None,
+    metadata: dict[str, MetadataValue] | None = None,
 ) -> AdapterConvertResult:
     """Convert the PEFT LoRA folder `adapter_dir` (adapter_config.json + adapter_model.safetensors), trained on
     the HF model folder `base_dir`, into a llama.cpp LoRA GGUF for the GGUF that `convert_hf_to_gguf(base_dir)`
     writes.
 
-    `out_type` (f16, bf16, f32) is the type of the LoRA matrices. `metadata` sets general.* keys (name, ...).
+    `out_type` (f16, bf16, f32) is the type of the LoRA matrices. `metadata` adds keys as convert_hf_to_gguf's
+    does (general.* strings by short name, other keys by full name, typed); general.name defaults to the adapter
+    folder's name. Keys the adapter format sets (general.architecture, general.type, adapter.*) are refused.
     Adapters llama.cpp cannot express (DoRA, biases, modules_to_save, LoRA on embeddings, ...) are refused with
     a one-line ConversionError. The file is written under a temporary name and renamed when complete.
     """
@@ -119,7 +124,7 @@ def convert_lora_to_gguf(
     adapter_dir, base_dir, out_path = Path(adapter_dir), Path(base_dir), Path(out_path)
     if out_type not in OUT_TYPES:
         raise ConversionError(f"out_type {out_type!r} is not one of {', '.join(OUT_TYPES)}")
-    general = _general_metadata(adapter_dir, metadata or {})
+    general = _adapter_metadata(adapter_dir, metadata or {})
     settings = read_adapter_settings(adapter_dir)
     cfg = load_model_config(base_dir)
     pairs, base_copies = _read_pairs(adapter_dir / ADAPTER_WEIGHTS)
@@ -298,14 +303,16 @@ def _base_tensor(
     return gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight", kind, bid
 
 
-def _write(path: Path, arch: str, general: dict[str, str], alpha: float, tensors: list[PlannedTensor]) -> None:
+def _write(
+    path: Path, arch: str, general: dict[str, MetadataValue], alpha: float, tensors: list[PlannedTensor]
+) -> None:
     writer = gguf.GGUFWriter(path, arch)
     try:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         for key, value in general.items():
-            writer.add_string(key, value)
+            writer.add_key_value(key, value, *_value_type(value))
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape, t.numpy_dtype, t.nbytes, raw_dtype=t.ggml_type)
         writer.write_header_to_file()
@@ -317,13 +324,10 @@ def _write(path: Path, arch: str, general: dict[str, str], alpha: float, tensors
         writer.close()
 
 
-def _general_metadata(adapter_dir: Path, metadata: dict[str, str]) -> dict[str, str]:
-    """general.* strings keyed by GGUF key (short names as convert_hf_to_gguf takes them); name defaults to
-    the adapter folder's name."""
-    unknown = sorted(set(metadata) - set(GENERAL_METADATA))
-    if unknown:
-        raise ConversionError(f"metadata keys {unknown} are not supported; use: {', '.join(GENERAL_METADATA)}")
-    bad = [k for k, v in metadata.items() if not isinstance(v, str)]
-    if bad:
-        raise ConversionError(f"metadata values must be strings: {bad}")
-    return {GENERAL_METADATA[k]: v for k, v in {"name": adapter_dir.resolve().name, **metadata}.items()}
+def _adapter_metadata(adapter_dir: Path, metadata: dict[str, MetadataValue]) -> dict[str, MetadataValue]:
+    """The caller's metadata keyed by full GGUF key (as the converter takes it), minus the adapter format's own."""
+    keyed = _general_metadata(adapter_dir, metadata)
+    taken = sorted(k for k in keyed if k in ADAPTER_KEYS or k.startswith(ADAPTER_PREFIX))
+    if taken:
+        raise ConversionError(f"metadata keys {taken} are written by the adapter converter itself; leave them out")
+    return keyed

@@ -321,16 +321,22 @@ def _read_value(text: str, i: int, source: str) -> tuple[str, int]:
     return raw, end
 
 
-def modelfile_for_repo(text: str, gguf: str, source: str = "Modelfile") -> str:
-    """The Modelfile as it belongs next to the uploaded GGUF: FROM ./<gguf>, no ADAPTER (it is merged)."""
-    out, last = [], 0
+def modelfile_for_repo(text: str, gguf: str, source: str = "Modelfile", adapter: str | None = None) -> str:
+    """The Modelfile as it belongs next to the uploaded GGUFs: FROM ./<gguf>, and ADAPTER ./<adapter> when given
+    (ollama.mode adapter), else no ADAPTER (the GGUF is merged)."""
+    out, last, adapted = [], 0, False
     for ins in parse_modelfile(text, source):
         if ins.name == "FROM":
             out += [text[last : ins.start], f"FROM ./{gguf}"]
             last = ins.end
+        elif ins.name == "ADAPTER" and adapter:
+            out += [text[last : ins.start], f"ADAPTER ./{adapter}"]
+            last, adapted = ins.end, True
         elif ins.name == "ADAPTER":
             out.append(text[last : ins.start])
             last = ins.end + 1 if text.startswith("\n", ins.end) else ins.end  # the line goes, newline too
+    if adapter and not adapted:
+        raise HubError(f"{source}: no ADAPTER line to point at ./{adapter}")
     out.append(text[last:])
     return "".join(out)
 
@@ -377,6 +383,15 @@ class GGUFEntry:
     bits_per_weight: float | None = None
 
 
+@dataclass(frozen=True)
+class AdapterFiles:
+    """ollama.mode adapter's files in the repository: the LoRA GGUF, the base GGUF it applies to, the Modelfile."""
+
+    adapter: GGUFEntry
+    base: GGUFEntry
+    modelfile: str | None = None
+
+
 @dataclass
 class CardFacts:
     """Everything the model card says; gathered by the push stage from the run's outputs."""
@@ -392,6 +407,7 @@ class CardFacts:
     ggufs: list[GGUFEntry] = field(default_factory=list)
     ollama_quant: str | None = None
     modelfiles: list[str] = field(default_factory=list)
+    adapter_mode: AdapterFiles | None = None
     adapter: str | None = None
     merged: str | None = None
     eval_passed: bool | None = None
@@ -461,12 +477,23 @@ def _files_section(facts: CardFacts) -> list[str]:
         (f"`{g.path}`", g.quant, human_size(g.size), f"{g.bits_per_weight:.2f}" if g.bits_per_weight else "")
         for g in facts.ggufs
     ]
+    pair = facts.adapter_mode
+    if pair:
+        rows += [
+            (f"`{pair.adapter.path}`", f"{pair.adapter.quant} LoRA adapter", human_size(pair.adapter.size), ""),
+            (f"`{pair.base.path}`", f"{pair.base.quant} base model", human_size(pair.base.size), ""),
+        ]
     lines = ["## Files", ""]
     if rows:
         lines += _table(("file", "type", "size", "bits per weight"), rows)
     for path in facts.modelfiles:
         lines.append(
             f"- `{path}`: Ollama Modelfile for the GGUF of that type (template and stops checked by Forge)"
+        )
+    if pair and pair.modelfile:
+        lines.append(
+            f"- `{pair.modelfile}`: Ollama Modelfile that applies `{pair.adapter.path}` to `{pair.base.path}` "
+            f"(download the three, then `ollama create {facts.repo.split('/')[1].lower()} -f {pair.modelfile}`)"
         )
     if facts.adapter:
         lines.append(f"- `{facts.adapter}/`: the PEFT adapter (apply it to the base model)")

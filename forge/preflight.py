@@ -220,7 +220,10 @@ def planned_bytes(weights: Weights, cfg: ForgeConfig, stages: Iterable[str]) -> 
     if "merge" in stages:
         out["merge"] = weights.bytes  # written in the base's dtype
     if "gguf" in stages:
-        out["gguf"] = int(weights.params * BITS_PER_WEIGHT[cfg.export.dtype] / 8)
+        params = weights.params
+        if cfg.ollama.mode == "adapter":  # also the base GGUF and the LoRA as an adapter GGUF, in the same dtype
+            params += weights.params + lora_params(weights, cfg)
+        out["gguf"] = int(params * BITS_PER_WEIGHT[cfg.export.dtype] / 8)
     if "quantize" in stages:
         out["quantize"] = sum(_gguf_bytes(weights, q) for q in cfg.export.quants)
     return {name: int(n * DISK_MARGIN) for name, n in out.items()}

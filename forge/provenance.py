@@ -2,7 +2,8 @@
 
 The base stage records the base model's identity and file digests once (`base.json`); the gguf stage gathers
 the rest, writes it into the GGUF as `general.*` and `forge.*` keys (llama.cpp's quantizer copies them into
-every quant) and into `provenance.json`; the push stage's model card reads it back from the GGUF it uploads.
+every quant; with ollama.mode adapter also into the adapter GGUF, and the base's part into the base GGUF) and
+into `provenance.json`; the push stage's model card reads it back from the GGUF it uploads.
 Nothing here is a timestamp or a local path: the same inputs give the same keys.
 """
 
@@ -24,6 +25,8 @@ HUB_URL = re.compile(r"^https?://(?:huggingface\.co|hf\.co)/([\w.-]+/[\w.-]+)/?$
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 DATASET_PREFIX = "data/"  # the data stage's external inputs are "data/<path inside the dataset>"
 CARD_KEYS = ("forge.", "general.base_model.", "general.dataset.")  # what the model card reads back
+# what the base GGUF of ollama.mode adapter leaves out: it was not trained, nor is it derived from the base
+NOT_TRAINED = ("general.base_model.", "general.dataset.", "forge.dataset.", "forge.train_config")
 
 
 # --- digests -------------------------------------------------------------------------------------------
@@ -115,13 +118,18 @@ def chat_template_text(model_dir: Path) -> str | None:
     return template or None
 
 
+def chat_template_sha256(model_dir: Path) -> str | None:
+    """sha256 of the chat template the converter writes for `model_dir` (None when it has none)."""
+    template = chat_template_text(model_dir)
+    return text_sha256(template) if template else None
+
+
 def collect(loaded: LoadedConfig, base_dir: Path, data_dir: Path, model_dir: Path) -> dict[str, Any]:
     """The provenance of the model in `model_dir`, from the base and data stages' outputs and the config."""
     base = json.loads((base_dir / "base.json").read_text())
     external = (read_manifest(data_dir) or {}).get("external", {})
     dataset = {k.removeprefix(DATASET_PREFIX): v for k, v in external.items() if k.startswith(DATASET_PREFIX)}
     data_path = loaded.config.data.path
-    template = chat_template_text(model_dir)
     return {
         "base": {
             "model": _display_ref(base),
@@ -135,7 +143,7 @@ def collect(loaded: LoadedConfig, base_dir: Path, data_dir: Path, model_dir: Pat
             "sha256": sha256_lines(dataset),
             "files": dataset,
         },
-        "chat_template_sha256": text_sha256(template) if template else None,
+        "chat_template_sha256": chat_template_sha256(model_dir),
         "versions": versions(),
         "train_config": section_dump(loaded.config, "train"),
     }
@@ -164,6 +172,18 @@ def gguf_metadata(prov: dict[str, Any]) -> dict[str, Any]:
     if prov["chat_template_sha256"]:
         meta["forge.chat_template.sha256"] = prov["chat_template_sha256"]
     meta["forge.train_config"] = json.dumps(prov["train_config"], sort_keys=True)
+    return meta
+
+
+def base_gguf_metadata(prov: dict[str, Any], chat_template: str | None) -> dict[str, Any]:
+    """The GGUF keys of the base model's own GGUF (ollama.mode adapter): the base's identity and digests and the
+    tools that wrote it, with `chat_template` (sha256 of its own template). No dataset or training keys (it was
+    not trained) and no general.base_model.* (it is the base, not a model made from it): a known Hub id goes
+    into general.source.repo_url, where a GGUF names its source."""
+    keys = gguf_metadata({**prov, "chat_template_sha256": chat_template})
+    meta = {k: v for k, v in keys.items() if not k.startswith(NOT_TRAINED)}
+    if prov["base"]["hub_id"]:
+        meta["general.source.repo_url"] = f"https://huggingface.co/{prov['base']['hub_id']}"
     return meta
 
 

@@ -12,20 +12,20 @@ from forge.converters import ConversionError, convert_hf_to_gguf, convert_lora_t
 from forge.converters.hf_config import load_model_config
 from forge.modelfiles import OLLAMA_ENGINE_ARCHITECTURES
 from forge.pipeline import Stage, StageContext
-from forge.provenance import collect, gguf_metadata
+from forge.provenance import base_gguf_metadata, chat_template_sha256, collect, gguf_metadata
 
 
 class GgufStage(Stage):
     name = "gguf"
-    version = 2  # 2: provenance keys (base and data are read for them)
+    version = 3  # 2: provenance keys (base and data are read for them); 3: also in the adapter and base GGUFs
     needs = ("base", "data", "train", "merge")
     config_keys = ("export.dtype", "ollama.mode")
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         dtype = ctx.config.export.dtype
-        adapter_mode = adapter_over_base(ctx, dtype) if ctx.config.ollama.mode == "adapter" else None
         model = ctx.inputs["merge"] / "model"
         provenance = collect(ctx.loaded, ctx.inputs["base"], ctx.inputs["data"], model)
+        adapter_mode = adapter_over_base(ctx, dtype, provenance) if ctx.config.ollama.mode == "adapter" else None
         (ctx.out / "provenance.json").write_text(json.dumps(provenance, indent=2))
         metadata = {"name": ctx.config.run.name, **gguf_metadata(provenance)}
         result = convert_hf_to_gguf(model, ctx.out / f"model-{dtype}.gguf", dtype, metadata)
@@ -42,9 +42,11 @@ class GgufStage(Stage):
         return {**facts, "line": line}
 
 
-def adapter_over_base(ctx: StageContext, dtype: str) -> dict[str, Any]:
+def adapter_over_base(ctx: StageContext, dtype: str, provenance: dict[str, Any]) -> dict[str, Any]:
     """ollama.mode adapter: the trained LoRA as a llama.cpp adapter GGUF, and the base model it was trained on
-    as the GGUF it applies to (converted from the base stage's folder: its tokenizer is the one trained with)."""
+    as the GGUF it applies to (converted from the base stage's folder: its tokenizer is the one trained with).
+
+    The adapter carries the run's provenance keys, the base GGUF those about the base model and the tools."""
     adapter, base = ctx.inputs["train"] / "adapter", ctx.inputs["base"] / "model"
     if not adapter.is_dir():
         raise ConversionError(f"{adapter}: missing; ollama.mode adapter needs the train stage's LoRA adapter")
@@ -61,9 +63,11 @@ def adapter_over_base(ctx: StageContext, dtype: str) -> dict[str, Any]:
             "use ollama.mode merged"
         )
     name = ctx.config.run.name
-    lora = convert_lora_to_gguf(adapter, base, ctx.out / f"adapter-{dtype}.gguf", dtype, {"name": f"{name}-lora"})
+    lora_keys = {"name": f"{name}-lora", **gguf_metadata(provenance)}
+    lora = convert_lora_to_gguf(adapter, base, ctx.out / f"adapter-{dtype}.gguf", dtype, lora_keys)
     ctx.log(f"  adapter: {lora.modules} LoRA modules, ranks {lora.ranks}, alpha {lora.alpha:g}, {lora.seconds:.1f}s")
-    base_gguf = convert_hf_to_gguf(base, ctx.out / f"base-{dtype}.gguf", dtype, {"name": f"{name}-base"})
+    base_keys = {"name": f"{name}-base", **base_gguf_metadata(provenance, chat_template_sha256(base))}
+    base_gguf = convert_hf_to_gguf(base, ctx.out / f"base-{dtype}.gguf", dtype, base_keys)
     return {
         "adapter": lora.path.name,
         "base": base_gguf.path.name,

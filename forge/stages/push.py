@@ -17,6 +17,7 @@ import yaml
 
 from forge.config import LoadedConfig
 from forge.hub import (
+    AdapterFiles,
     CardFacts,
     GGUFEntry,
     HubError,
@@ -34,6 +35,10 @@ from forge.pipeline import MANIFEST, Stage, StageContext
 from forge.provenance import CARD_KEYS, base_hub_id, card_rows, read_gguf_strings
 
 GENERATED = "repo"  # folder of the stage output that holds the generated files
+ADAPTER_MODELFILE = "adapter.Modelfile"  # the ollama stage's Modelfile of ollama.mode adapter
+# ollama.mode adapter's files in the repository: one folder, names without a quantization type, so that Ollama's
+# `hf.co/<repo>:<QUANT>` tags keep resolving to the merged GGUFs only
+ADAPTER_DIR, ADAPTER_NAMES = "ollama-adapter", {"adapter": "adapter.gguf", "base": "base.gguf"}
 IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 
 
@@ -114,6 +119,8 @@ def plan_push(loaded: LoadedConfig, inputs: dict[str, Path], out: Path, repo: st
         facts.ollama_quant = ggufs[cfg.ollama.quant][0].quant if cfg.ollama.quant in ggufs else None
     if "modelfile" in what:
         facts.modelfiles = _add_modelfiles(plan, inputs["ollama"], ggufs, cfg.ollama.quant, out)
+    if "gguf" in what and cfg.ollama.mode == "adapter":
+        facts.adapter_mode = _add_adapter_mode(plan, inputs["gguf"], inputs["ollama"], out, "modelfile" in what)
     if "adapter" in what:
         adapter = inputs["train"] / "adapter"
         if adapter.is_dir():
@@ -161,8 +168,8 @@ def _add_modelfiles(
     plan: PushPlan, ollama: Path, ggufs: dict[str, tuple[GGUFEntry, Path]], quant: str, out: Path
 ) -> list[str]:
     """Each `<type>.Modelfile`, pointed at its uploaded GGUF, plus Ollama's hf.co files from the main one."""
-    # adapter.Modelfile (ollama.mode adapter) points at the gguf stage's base and LoRA GGUFs, which are not uploaded
-    modelfiles = sorted(p for p in ollama.glob("*.Modelfile") if p.name != "adapter.Modelfile")
+    # adapter.Modelfile (ollama.mode adapter) points at the gguf stage's GGUFs: _add_adapter_mode uploads it
+    modelfiles = sorted(p for p in ollama.glob("*.Modelfile") if p.name != ADAPTER_MODELFILE)
     if not modelfiles:
         raise HubError(f"{ollama}: no *.Modelfile (the ollama stage's output)")
     paths, texts = [], {}
@@ -181,6 +188,34 @@ def _add_modelfiles(
     for path, content in sorted(ollama_hub_files(text, source).items()):
         plan.add(path, _write(out, path, content), f"push/{GENERATED}/{path}")
     return paths
+
+
+def _add_adapter_mode(plan: PushPlan, gguf: Path, ollama: Path, out: Path, modelfile: bool) -> AdapterFiles:
+    """ollama.mode adapter: the gguf stage's LoRA and base GGUFs in `ADAPTER_DIR`, and (with `modelfile`) the
+    adapter Modelfile beside them, pointed at them, so that `ollama create -f ollama-adapter/Modelfile` works in a
+    download."""
+    report = _read_json(gguf / "gguf.json")
+    pair = report.get("adapter_mode") if isinstance(report, dict) else None
+    if not isinstance(pair, dict) or not {"adapter", "base"} <= set(pair):
+        raise HubError(f"{gguf / 'gguf.json'}: no adapter_mode entry (ollama.mode adapter); rerun the gguf stage")
+    digests, entries = _digests(gguf), []
+    for kind in ("adapter", "base"):
+        local = gguf / pair[kind]
+        if not local.is_file():
+            raise HubError(f"{local}: listed as the {kind} GGUF in gguf.json but missing")
+        path = f"{ADAPTER_DIR}/{ADAPTER_NAMES[kind]}"
+        plan.add(path, local, f"gguf/{local.name}", digests.get(local.name))
+        entries.append(GGUFEntry(path, str(report.get("out_type", "")).upper(), local.stat().st_size))
+    path = None
+    if modelfile:
+        source = ollama / ADAPTER_MODELFILE
+        if not source.is_file():
+            raise HubError(f"{source}: missing (the ollama stage's Modelfile for ollama.mode adapter)")
+        text = source.read_text(encoding="utf-8")
+        text = modelfile_for_repo(text, ADAPTER_NAMES["base"], str(source), ADAPTER_NAMES["adapter"])
+        path = f"{ADAPTER_DIR}/Modelfile"
+        plan.add(path, _write(out, ADAPTER_MODELFILE, text), f"push/{GENERATED}/{ADAPTER_MODELFILE}")
+    return AdapterFiles(*entries, modelfile=path)
 
 
 def _eval_report(plan: PushPlan, eval_dir: Path) -> str | None:
@@ -303,8 +338,8 @@ def _data_rows(data_dir: Path) -> list[tuple[str, str]]:
 
 class PushStage(Stage):
     name = "push"
-    version = 1
-    needs = ("base", "data", "train", "merge", "quantize", "eval", "ollama")
+    version = 2  # 2: ollama.mode adapter uploads the gguf stage's adapter and base GGUFs and adapter.Modelfile
+    needs = ("base", "data", "train", "merge", "gguf", "quantize", "eval", "ollama")
     config_keys = ("push",)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:

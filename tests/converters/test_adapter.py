@@ -214,6 +214,23 @@ def test_inexpressible_adapters_are_refused_in_one_line(tiny_model, tmp_path: Pa
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial*"))
 
 
+def test_metadata_is_typed_as_the_converter_types_it_and_the_adapter_keys_are_refused(tiny_model, tmp_path) -> None:
+    hf_dir = tiny_model("llama")
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    pair = {f"{q}.lora_A.weight": torch.zeros(2, 64), f"{q}.lora_B.weight": torch.zeros(64, 2)}
+    folder = _adapter_folder(tmp_path, {}, pair)
+    metadata = {"name": "tuned-lora", "general.base_model.count": 1, "forge.dataset.sha256": "d" * 64}
+    fields, _ = read_back(convert_lora_to_gguf(folder, hf_dir, tmp_path / "adapter.gguf", metadata=metadata).path)
+    assert (fields["general.name"], fields["general.base_model.count"], fields["forge.dataset.sha256"]) == (
+        "tuned-lora", 1, "d" * 64
+    )
+    assert fields["general.type"] == "adapter" and fields["adapter.lora.alpha"] == 4.0
+    for key in ("general.type", "adapter.lora.alpha", "general.architecture"):
+        with pytest.raises(ConversionError, match=rf"metadata keys \['{key}'\] are written by the adapter converter"):
+            convert_lora_to_gguf(folder, hf_dir, tmp_path / "refused.gguf", metadata={key: "x"})
+    assert not (tmp_path / "refused.gguf").exists()
+
+
 def test_lora_on_a_tied_lm_head_is_refused(tiny_model, tmp_path: Path) -> None:
     hf_dir = tiny_model("qwen2")  # tied embeddings: the GGUF has no output tensor to adapt
     head = "base_model.model.lm_head"

@@ -239,6 +239,16 @@ def test_modelfile_points_at_the_uploaded_gguf_and_keeps_its_template():
     assert "/home/me" not in rewritten
 
 
+def test_an_adapter_modelfile_points_at_both_uploaded_ggufs():
+    rewritten = modelfile_for_repo(MODELFILE, "base-f16.gguf", adapter="adapter-f16.gguf")
+    names = [(i.name, i.value) for i in parse_modelfile(rewritten)]
+    assert names[:2] == [("FROM", "./base-f16.gguf"), ("ADAPTER", "./adapter-f16.gguf")]
+    assert names[2:] == [(i.name, i.value) for i in parse_modelfile(MODELFILE)][2:] and "/home/me" not in rewritten
+    merged = modelfile_for_repo(MODELFILE, "tiny-Q4_K_M.gguf")
+    with pytest.raises(HubError, match=r"^q8_0.Modelfile: no ADAPTER line to point at ./adapter-f16.gguf$"):
+        modelfile_for_repo(merged, "base-f16.gguf", "q8_0.Modelfile", adapter="adapter-f16.gguf")
+
+
 def test_ollama_hub_files_come_from_the_modelfile():
     files = ollama_hub_files(MODELFILE)
     assert files["template"].startswith("{{- range .Messages }}") and files["template"].endswith(

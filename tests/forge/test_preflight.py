@@ -146,6 +146,21 @@ def test_the_disk_check_compares_the_planned_outputs_with_the_free_bytes(tmp_pat
     assert not short.ok and "export.quants" in short.message and "free at" in short.message
 
 
+def test_adapter_mode_adds_the_base_and_adapter_ggufs_to_the_gguf_estimate(tmp_path: Path) -> None:
+    model = model_folder(tmp_path / "llama")
+    path = write_project(tmp_path, model, [{"messages": CONVERSATION}])
+    weights = read_weights(model)
+    merged = planned_bytes(weights, load_config(path).config, {"gguf"})
+    adapter = planned_bytes(weights, load_config(path, ["ollama.mode=adapter"]).config, {"gguf", "quantize"})
+    # the merged and the base GGUF (P parameters each) and the adapter GGUF (8,192 LoRA parameters, as in the
+    # test above), all f16; quantize is made from the merged model only
+    assert merged["gguf"] == int(weights.params * 2 * 1.1)
+    assert adapter["gguf"] == int((2 * weights.params + 8192) * 2 * 1.1)
+    assert adapter["quantize"] == planned_bytes(weights, load_config(path).config, {"quantize"})["quantize"]
+    f32 = planned_bytes(weights, load_config(path, ["ollama.mode=adapter", "export.dtype=f32"]).config, {"gguf"})
+    assert f32["gguf"] == int((2 * weights.params + 8192) * 4 * 1.1)
+
+
 def test_checks_of_stages_that_will_not_run_are_skipped(tmp_path: Path) -> None:
     model = model_folder(tmp_path / "llama", template=BOS_TWICE)
     loaded = load_config(write_project(tmp_path, model, [{"messages": CONVERSATION}]))

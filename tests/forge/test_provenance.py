@@ -17,13 +17,22 @@ import gguf
 import pytest
 import torch
 import transformers
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from forge.config import load_config
 from forge.hub import CardFacts, render_model_card
 from forge.models.resolve import resolve_base
 from forge.pipeline import Change, Pipeline, Stage, StageContext, read_manifest, sha256_file
-from forge.provenance import CARD_KEYS, base_record, card_rows, hub_snapshot, read_gguf_strings, sha256_lines
+from forge.provenance import (
+    CARD_KEYS,
+    base_gguf_metadata,
+    base_record,
+    card_rows,
+    hub_snapshot,
+    read_gguf_strings,
+    sha256_lines,
+)
 from forge.stages.base import BaseStage
 from forge.stages.data import DataStage
 from forge.stages.gguf import GgufStage
@@ -51,6 +60,25 @@ class FullFineTune(Stage):
         shutil.copytree(ctx.inputs["base"] / "model", ctx.out / "model")
         (ctx.out / "train_stats.json").write_text(json.dumps({"method": "full", "steps": 0}))
         return {"line": "weights passed through"}
+
+
+class TrainedLora(Stage):
+    """Stands in for the train stage in LoRA mode: a PEFT LoRA on every linear layer, lora_B non-zero."""
+
+    name, version, needs, config_keys = "train", 1, ("base", "data"), ("train",)
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        cfg = ctx.config.train
+        model = AutoModelForCausalLM.from_pretrained(ctx.inputs["base"] / "model", dtype=torch.float32)
+        torch.manual_seed(0)
+        lora = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.03)
+        lora.save_pretrained(ctx.out / "adapter")
+        (ctx.out / "train_stats.json").write_text(json.dumps({"method": cfg.method}))
+        return {"line": "fixture adapter"}
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +204,45 @@ def test_the_ggufs_carry_provenance_and_a_dataset_edit_is_planned_and_makes_a_ne
     pipe.run("quantize")
     edited = fields(run_dir / "quantize" / "model-q8_0.gguf")
     assert edited["forge.dataset.sha256"] == sha256_lines({"data.jsonl": sha256_file(data)}) != data_sha
+
+
+def test_adapter_mode_puts_provenance_in_the_adapter_gguf_and_the_base_part_in_the_base_gguf(tiny_base, tmp_path):
+    (tmp_path / "data.jsonl").write_text(rows(12))
+    config = {"base": {"model": str(tiny_base)}, "data": {"path": "data.jsonl"}, "ollama": {"mode": "adapter"}}
+    (tmp_path / "forge.yaml").write_text(json.dumps(config))
+    stages = [BaseStage(), DataStage(), TrainedLora(), MergeStage(), GgufStage()]
+    pipe = Pipeline(load_config(tmp_path / "forge.yaml"), stages, log=lambda _: None)
+    pipe.run("gguf")
+    out = pipe.run_dir / "gguf"
+    merged, adapter, base = (fields(out / f"{kind}-f16.gguf") for kind in ("model", "adapter", "base"))
+    provenance = {k: v for k, v in merged.items() if k.startswith(CARD_KEYS)}
+    assert len(provenance) >= 18 and json.loads(provenance["forge.train_config"])["method"] == "lora"
+
+    # the adapter is the trained artifact: every provenance key of the merged GGUF, and no other
+    assert {k: v for k, v in adapter.items() if k.startswith(CARD_KEYS)} == provenance
+    assert (adapter["general.type"], adapter["general.name"], adapter["adapter.type"]) == (
+        "adapter", "default-lora", "lora"
+    )
+    assert card_rows(read_gguf_strings(out / "adapter-f16.gguf", prefixes=CARD_KEYS)) == card_rows(
+        read_gguf_strings(out / "model-f16.gguf", prefixes=CARD_KEYS)
+    )
+
+    # the base GGUF: the base model's identity and digests, the tools, its own chat template; nothing trained
+    about_base = {k: v for k, v in provenance.items() if k.startswith(("forge.base.", "forge.version"))}
+    assert {k: v for k, v in base.items() if k.startswith(CARD_KEYS)} == {
+        **about_base,
+        "forge.chat_template.sha256": hashlib.sha256(base["tokenizer.chat_template"].encode()).hexdigest(),
+    }
+    assert base["forge.base.sha256"] == sha256_lines({p.name: sha256_file(p) for p in tiny_base.iterdir()})
+    assert base["forge.chat_template.sha256"] == merged["forge.chat_template.sha256"]  # trained with this one
+    assert base["general.name"] == "default-base" and "general.source.repo_url" not in base  # a local folder
+    assert not any(str(tmp_path) in str(v) for k, v in base.items() if k.startswith(CARD_KEYS))
+
+    # a base with a Hub id: named as the base GGUF's source (a GGUF base's Hub id is read from there)
+    prov = json.loads((out / "provenance.json").read_text())
+    hub = base_gguf_metadata({**prov, "base": {**prov["base"], "hub_id": "someone/tiny"}}, None)
+    assert hub["general.source.repo_url"] == "https://huggingface.co/someone/tiny"
+    assert "forge.chat_template.sha256" not in hub and not any(k.startswith("general.base_model.") for k in hub)
 
 
 def test_a_hub_base_is_recorded_with_its_commit_and_file_digests(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from forge.stages.data import DataStage
 from forge.stages.gguf import GgufStage, adapter_over_base
 from forge.stages.merge import MergeStage
 from forge.stages.ollama import OllamaStage, _with_absolute_paths
-from forge.stages.push import plan_push
+from forge.stages.push import PushStage, plan_push
 from forge.stages.quantize import QuantizeStage
 
 CHAT = [
@@ -142,10 +142,17 @@ def test_adapter_mode_writes_a_modelfile_whose_base_and_adapter_equal_the_merged
     assert top1 >= 0.99 and kl < 1e-3, (top1, kl)
     assert base_kl > 1e-2, base_kl
 
-    # the push stage uploads the merged GGUFs' Modelfiles only (the adapter's GGUFs are not uploaded)
-    inputs = {name: run / name for name in ("base", "data", "train", "merge", "quantize", "eval", "ollama")}
+    # the push stage uploads the adapter and base GGUFs and a Modelfile pointed at them, in one folder
+    inputs = {name: run / name for name in PushStage.needs}
     plan = plan_push(loaded, inputs, tmp_path / "push", "alice/smol-GGUF")
-    assert plan.card.modelfiles == ["Q8_0.Modelfile"]
+    assert plan.card.modelfiles == ["Q8_0.Modelfile"] and plan.card.adapter_mode.modelfile == "ollama-adapter/Modelfile"
+    assert [plan.sources[f"ollama-adapter/{k}.gguf"] for k in ("adapter", "base")] == [
+        "gguf/adapter-f16.gguf",
+        "gguf/base-f16.gguf",
+    ]
+    pushed = validate((tmp_path / "push" / "adapter.Modelfile").read_text())
+    assert (pushed.model, pushed.adapter) == ("./base.gguf", "./adapter.gguf")
+    assert pushed.template == mf.template and pushed.stops == mf.stops
 
 
 def context(tmp_path: Path, base_config: dict, adapter: bool = True) -> StageContext:
@@ -176,6 +183,6 @@ QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_s
 )
 def test_adapter_mode_refusals_are_one_line(tmp_path, base_config, adapter, message):
     with pytest.raises(ConversionError) as error:
-        adapter_over_base(context(tmp_path, base_config, adapter), "f16")
+        adapter_over_base(context(tmp_path, base_config, adapter), "f16", {})  # refused before provenance is read
     assert message in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from forge.modelfiles import validate
 from gguf import GGUFReader, GGUFWriter
 from safetensors.numpy import save_file
 
 from forge.config import load_config
-from forge.hub import HubError
+from forge.hub import HubError, human_size
 from forge.models.resolve import resolve_base
 from forge.pipeline import Pipeline, Stage, StageContext
 from forge.provenance import base_hub_id
@@ -91,8 +92,9 @@ def write_png(path: Path) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
 
 
-def upstream(adapter: bool = True) -> list[Stage]:
-    """The seven stages push needs, each writing the layout its real counterpart writes."""
+def upstream(adapter: bool = True, adapter_mode: bool = False) -> list[Stage]:
+    """The eight stages push needs, each writing the layout its real counterpart writes (with adapter_mode: that
+    of ollama.mode adapter)."""
 
     def base(out: Path) -> None:
         (out / "model").mkdir()
@@ -145,6 +147,15 @@ def upstream(adapter: bool = True) -> list[Stage]:
         (out / "model" / "config.json").write_text('{"model_type": "llama"}')
         save_file({"w": np.zeros((8, 8), np.float16)}, str(out / "model" / "model.safetensors"))
 
+    def gguf(out: Path) -> None:
+        write_gguf(out / "model-f16.gguf", 4_000, seed=3)
+        facts: dict = {"path": "model-f16.gguf", "out_type": "f16"}
+        if adapter_mode:
+            write_gguf(out / "adapter-f16.gguf", 500, seed=4)
+            write_gguf(out / "base-f16.gguf", 4_000, seed=5)
+            facts["adapter_mode"] = {"adapter": "adapter-f16.gguf", "base": "base-f16.gguf", "modules": 14}
+        (out / "gguf.json").write_text(json.dumps(facts))
+
     def quantize(out: Path) -> None:
         write_gguf(out / "model-q4_k_m.gguf", 100_000, seed=1)  # ~400 KB: a multipart upload
         write_gguf(out / "model-q8_0.gguf", 2_000, seed=2)
@@ -169,6 +180,9 @@ def upstream(adapter: bool = True) -> list[Stage]:
         for t in ("q4_k_m", "q8_0"):
             text = MODELFILE.format(path=f"/home/me/runs/default/quantize/model-{t}.gguf")
             (out / f"{t}.Modelfile").write_text(text)
+        if adapter_mode:  # as the ollama stage writes it: paths into the run folder, next to its own folder
+            text = MODELFILE.format(path="../gguf/base-f16.gguf")
+            (out / "adapter.Modelfile").write_text(text.replace("\n", "\nADAPTER ../gguf/adapter-f16.gguf\n", 1))
         (out / "ollama.json").write_text('{"files": ["q4_k_m.Modelfile", "q8_0.Modelfile"]}')
 
     return [
@@ -176,15 +190,20 @@ def upstream(adapter: bool = True) -> list[Stage]:
         FixtureStage("data", ("base",), data),
         FixtureStage("train", ("base", "data"), train),
         FixtureStage("merge", ("base", "train"), merge),
-        FixtureStage("quantize", ("merge",), quantize),
+        FixtureStage("gguf", ("merge",), gguf),
+        FixtureStage("quantize", ("gguf",), quantize),
         FixtureStage("eval", ("merge", "quantize"), eval_),
         FixtureStage("ollama", ("quantize", "eval"), ollama),
     ]
 
 
-def pipeline(tmp_path: Path, *settings: str, adapter: bool = True, log: list[str] | None = None) -> Pipeline:
-    loaded = load_config(None, [f"run.dir={tmp_path / 'runs'}", f"push.repo={REPO}", *settings])
-    return Pipeline(loaded, [*upstream(adapter), PushStage()], log=(log if log is not None else []).append)
+def pipeline(
+    tmp_path: Path, *settings: str, adapter: bool = True, adapter_mode: bool = False, log: list[str] | None = None
+) -> Pipeline:
+    mode = ["ollama.mode=adapter"] if adapter_mode else []
+    loaded = load_config(None, [f"run.dir={tmp_path / 'runs'}", f"push.repo={REPO}", *mode, *settings])
+    stages = [*upstream(adapter, adapter_mode), PushStage()]
+    return Pipeline(loaded, stages, log=(log if log is not None else []).append)
 
 
 def sha256(data: bytes) -> str:
@@ -261,6 +280,77 @@ def test_push_uploads_the_run_in_one_commit_with_a_card(hub, tmp_path):
     everything = [p for p in run.rglob("*") if p.is_file()]
     assert everything and not [p for p in everything if hub.token.encode() in p.read_bytes()]
     assert not [line for line in logs if hub.token in line]
+
+
+def test_adapter_mode_uploads_the_adapter_and_base_ggufs_and_a_modelfile_that_builds_from_a_download(
+    hub, tmp_path
+):
+    pipe = pipeline(tmp_path, adapter_mode=True)
+    pipe.run("push")
+    run = pipe.run_dir
+    arrived = hub.files(REPO)
+
+    assert set(arrived) == {
+        ".gitattributes",
+        "README.md",
+        "smol-chat-Q4_K_M.gguf",
+        "smol-chat-Q8_0.gguf",
+        "ollama-adapter/adapter.gguf",
+        "ollama-adapter/base.gguf",
+        "ollama-adapter/Modelfile",
+        "Q4_K_M.Modelfile",
+        "Q8_0.Modelfile",
+        "template",
+        "params",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "eval/ppl.png",
+    }
+    assert hub.commit_count(REPO) == 2  # still one commit for everything
+    for kind in ("adapter", "base"):  # quant-free names: `hf.co/<repo>:F16` cannot pick the base by mistake
+        uploaded = arrived[f"ollama-adapter/{kind}.gguf"]
+        assert sha256(uploaded) == sha256((run / "gguf" / f"{kind}-f16.gguf").read_bytes()), kind
+    sources = {r["path"]: r["source"] for r in json.loads((run / "push" / "push.json").read_text())["files"]}
+    assert sources["ollama-adapter/adapter.gguf"] == "gguf/adapter-f16.gguf"
+    assert sources["ollama-adapter/Modelfile"] == "push/repo/adapter.Modelfile"
+
+    modelfile = arrived["ollama-adapter/Modelfile"].decode()
+    assert [line for line in modelfile.splitlines() if line.startswith(("FROM", "ADAPTER"))] == [
+        "FROM ./base.gguf",
+        "ADAPTER ./adapter.gguf",
+    ]
+    assert modelfile.replace("FROM ./base.gguf\nADAPTER ./adapter.gguf", "") == (
+        (run / "ollama" / "adapter.Modelfile").read_text().replace(
+            "FROM ../gguf/base-f16.gguf\nADAPTER ../gguf/adapter-f16.gguf", ""
+        )
+    )  # only the paths changed
+    assert "ADAPTER" not in arrived["Q4_K_M.Modelfile"].decode()  # the quant Modelfiles stay merged
+    download = tmp_path / "download"  # `ollama create -f ollama-adapter/Modelfile` in a download: paths resolve
+    for path, data in arrived.items():
+        (download / path).parent.mkdir(parents=True, exist_ok=True)
+        (download / path).write_bytes(data)
+    mf = validate(modelfile, "ollama-adapter/Modelfile")
+    folder = download / "ollama-adapter"  # Ollama resolves FROM/ADAPTER against the Modelfile's folder
+    assert (folder / mf.model).read_bytes() == (run / "gguf" / "base-f16.gguf").read_bytes()
+    assert (folder / mf.adapter).read_bytes() == (run / "gguf" / "adapter-f16.gguf").read_bytes()
+
+    files = arrived["README.md"].decode().split("## Files")[1].split("## Run it")[0]
+    size = human_size((run / "gguf" / "base-f16.gguf").stat().st_size)
+    assert "| `ollama-adapter/adapter.gguf` | F16 LoRA adapter |" in files
+    assert f"| `ollama-adapter/base.gguf` | F16 base model | {size} |" in files
+    assert "`ollama create smol-chat-gguf -f ollama-adapter/Modelfile`" in files
+
+
+def test_adapter_mode_without_modelfiles_uploads_the_ggufs_only(tmp_path):
+    pipe = pipeline(tmp_path, "push.dry_run=true", "push.what=[gguf]", adapter_mode=True)
+    pipe.run("push")
+    paths = {r["path"] for r in json.loads((pipe.run_dir / "push" / "push.json").read_text())["files"]}
+    assert {"ollama-adapter/adapter.gguf", "ollama-adapter/base.gguf"} <= paths
+    assert not [p for p in paths if p.endswith("Modelfile")]
+    (pipe.run_dir / "gguf" / "base-f16.gguf").unlink()
+    inputs = {name: pipe.run_dir / name for name in PushStage.needs}
+    with pytest.raises(HubError, match=r"gguf/base-f16.gguf: listed as the base GGUF in gguf.json but missing"):
+        plan_push(pipe.loaded, inputs, tmp_path / "out", REPO)
 
 
 def test_an_identical_push_is_a_noop_and_a_changed_card_uploads_only_the_card(hub, tmp_path):
