@@ -206,6 +206,22 @@ def pipeline(
     return Pipeline(loaded, stages, log=(log if log is not None else []).append)
 
 
+# what a push of the fixture run uploads (merged mode)
+RUN_FILES = {
+    ".gitattributes",
+    "README.md",
+    "smol-chat-Q4_K_M.gguf",
+    "smol-chat-Q8_0.gguf",
+    "Q4_K_M.Modelfile",
+    "Q8_0.Modelfile",
+    "template",
+    "params",
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "eval/ppl.png",
+}
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -217,19 +233,7 @@ def test_push_uploads_the_run_in_one_commit_with_a_card(hub, tmp_path):
     run = pipe.run_dir
     arrived = hub.files(REPO)
 
-    assert set(arrived) == {
-        ".gitattributes",
-        "README.md",
-        "smol-chat-Q4_K_M.gguf",
-        "smol-chat-Q8_0.gguf",
-        "Q4_K_M.Modelfile",
-        "Q8_0.Modelfile",
-        "template",
-        "params",
-        "adapter/adapter_config.json",
-        "adapter/adapter_model.safetensors",
-        "eval/ppl.png",
-    }
+    assert set(arrived) == RUN_FILES
     assert hub.commit_count(REPO) == 2  # one commit for everything
     for repo_path, local in [
         ("smol-chat-Q4_K_M.gguf", run / "quantize" / "model-q4_k_m.gguf"),
@@ -290,22 +294,8 @@ def test_adapter_mode_uploads_the_adapter_and_base_ggufs_and_a_modelfile_that_bu
     run = pipe.run_dir
     arrived = hub.files(REPO)
 
-    assert set(arrived) == {
-        ".gitattributes",
-        "README.md",
-        "smol-chat-Q4_K_M.gguf",
-        "smol-chat-Q8_0.gguf",
-        "ollama-adapter/adapter.gguf",
-        "ollama-adapter/base.gguf",
-        "ollama-adapter/Modelfile",
-        "Q4_K_M.Modelfile",
-        "Q8_0.Modelfile",
-        "template",
-        "params",
-        "adapter/adapter_config.json",
-        "adapter/adapter_model.safetensors",
-        "eval/ppl.png",
-    }
+    adapter_files = {"ollama-adapter/adapter.gguf", "ollama-adapter/base.gguf", "ollama-adapter/Modelfile"}
+    assert set(arrived) == RUN_FILES | adapter_files
     assert hub.commit_count(REPO) == 2  # still one commit for everything
     for kind in ("adapter", "base"):  # quant-free names: `hf.co/<repo>:F16` cannot pick the base by mistake
         uploaded = arrived[f"ollama-adapter/{kind}.gguf"]
