@@ -374,9 +374,13 @@ def test_a_failed_push_leaves_no_output_and_the_rerun_sends_only_the_rest(hub, t
     assert hub.token not in str(err.value)
     assert not (pipe.run_dir / "push").exists()
 
+    stored = set(hub.objects)  # what the failed attempt got through (its uploads run in parallel)
+    assert q8 not in stored
+
     hub.requests.clear()
     pipe.run("push")
-    assert hub.count("PUT", "/lfs/") == 1 and hub.count("PUT", f"/lfs/{q8}$") == 1
+    lfs = {sha256(data) for path, data in hub.files(REPO).items() if path in hub.lfs_paths(REPO)}
+    assert hub.count("PUT", f"/lfs/{q8}$") == 1 and hub.count("PUT", "/lfs/") == len(lfs - stored)
     assert sha256(hub.files(REPO)["smol-chat-Q8_0.gguf"]) == q8
 
 
