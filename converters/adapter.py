@@ -10,7 +10,6 @@ permuted exactly like the base's Q/K rows (Llama-style architectures).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -27,7 +26,7 @@ from safetensors import safe_open
 from .architectures import GLOBAL_TENSORS
 from .convert import MetadataValue, _general_metadata, _value_type
 from .errors import ConversionError
-from .hf_config import ModelConfig, load_model_config
+from .hf_config import ModelConfig, load_model_config, read_json_file
 from .safetensors_io import StoredTensor, index_safetensors
 from .tensors import BLOCK_NAME, OUT_TYPES, PlannedTensor, _text_model_name
 
@@ -156,12 +155,7 @@ def convert_lora_to_gguf(
 def read_adapter_settings(adapter_dir: Path) -> LoraSettings:
     """adapter_config.json checked for what a llama.cpp LoRA can express; ConversionError names the key."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise ConversionError(f"{path}: not found; expected a PEFT LoRA adapter folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+    config = read_json_file(path, "a PEFT LoRA adapter folder")
     if config.get("peft_type", "LORA") != "LORA":
         raise ConversionError(f"{path}: peft_type {config['peft_type']!r} is not LORA")
     for key, why in INEXPRESSIBLE.items():

@@ -51,15 +51,20 @@ class ModelConfig:
         return bool(self.get("tie_word_embeddings", False))
 
 
+def read_json_file(path: Path, folder_kind: str) -> Any:
+    """The JSON in `path`; ConversionError naming the file (and line) when it is missing or invalid."""
+    if not path.is_file():
+        raise ConversionError(f"{path}: not found; expected {folder_kind}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+
+
 def load_model_config(hf_dir: Path) -> ModelConfig:
     """Load `hf_dir/config.json`; fail early with the supported list for an unknown architecture."""
     path = hf_dir / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{path}: not found; expected a Hugging Face model folder")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+    raw = read_json_file(path, "a Hugging Face model folder")
     architectures = raw.get("architectures") or []
     if not architectures:
         raise ConversionError(f"{path}: missing key 'architectures' (the model class, e.g. LlamaForCausalLM)")
