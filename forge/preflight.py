@@ -8,6 +8,7 @@ checks whose stages are all cached; `forge check` runs them all.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable
@@ -174,27 +175,20 @@ def check_merge_memory(needed: int, available: int) -> Check:
 
 def read_weights(model_dir: Path) -> Weights:
     """Parameter count, bytes and largest tensors from the safetensors headers (no tensor is loaded)."""
+    from forge.converters.safetensors_io import index_safetensors
+
     params = total = largest = largest_bytes = embedding = 0
     linear: dict[str, tuple[int, int]] = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with open(shard, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            shape = info["shape"]
-            numel = 1
-            for dim in shape:
-                numel *= dim
-            size = info["data_offsets"][1] - info["data_offsets"][0]
-            params += numel
-            total += size
-            if numel > largest:
-                largest, largest_bytes = numel, size
-            if "embed_tokens" in name or name.endswith("lm_head.weight"):
-                embedding += numel
-            elif ".layers." in name and name.endswith(".weight") and len(shape) == 2:
-                linear[name] = (shape[0], shape[1])
+    for name, t in index_safetensors(model_dir).items():
+        numel = math.prod(t.shape)
+        params += numel
+        total += t.nbytes
+        if numel > largest:
+            largest, largest_bytes = numel, t.nbytes
+        if "embed_tokens" in name or name.endswith("lm_head.weight"):
+            embedding += numel
+        elif ".layers." in name and name.endswith(".weight") and len(t.shape) == 2:
+            linear[name] = (t.shape[0], t.shape[1])
     return Weights(params, total, largest, largest_bytes, embedding, linear)
 
 
