@@ -162,9 +162,19 @@ def _launch(q, qo, k, ko, cos, sin, backward: bool):
     )
 
 
+def _like(x: torch.Tensor, strides: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A fresh tensor of x's shape and dtype laid out with `strides` (default: x's own layout where it is
+    dense, e.g. HF's [B, S, H, D] memory seen as [B, H, S, D]; else contiguous)."""
+    if strides is None:
+        return torch.empty_like(x)  # preserve_format
+    return torch.empty_strided(x.shape, strides, dtype=x.dtype, device=x.device)
+
+
 class RoPEFunction(torch.autograd.Function):
     """Rotates q and k in one launch, into fresh tensors or, with ``inplace``, over q and k themselves
-    (then marked dirty: autograd allows that for tensors that are not views). Gradients go to fresh tensors."""
+    (then marked dirty: autograd allows that for tensors that are not views). Outputs and gradients keep
+    the inputs' memory layout, so HF's transposed views stay transposes of contiguous tensors on both ways
+    (attention reads them as they lie, and the projections' gradients need no copy)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inplace: bool):
@@ -172,10 +182,10 @@ class RoPEFunction(torch.autograd.Function):
             qo, ko = q, k
             ctx.mark_dirty(q, k)
         else:
-            qo = torch.empty_like(q, memory_format=torch.contiguous_format)
-            ko = torch.empty_like(k, memory_format=torch.contiguous_format)
+            qo, ko = _like(q), _like(k)
         _launch(q, qo, k, ko, cos, sin, backward=False)
         ctx.save_for_backward(cos, sin)
+        ctx.layouts = (qo.stride(), ko.stride())
         return qo, ko
 
     @staticmethod
@@ -185,8 +195,8 @@ class RoPEFunction(torch.autograd.Function):
             dq = dq.contiguous()
         if dk.stride(-1) != 1:
             dk = dk.contiguous()
-        dq_in = torch.empty_like(dq, memory_format=torch.contiguous_format)
-        dk_in = torch.empty_like(dk, memory_format=torch.contiguous_format)
+        q_layout, k_layout = ctx.layouts
+        dq_in, dk_in = _like(dq, q_layout), _like(dk, k_layout)
         _launch(dq, dq_in, dk, dk_in, cos, sin, backward=True)
         return dq_in, dk_in, None, None, None
 
@@ -240,8 +250,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         return rope_reference(q, k, cos, sin)
     tracked = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if not tracked:
-        qo = q if inplace else torch.empty_like(q, memory_format=torch.contiguous_format)
-        ko = k if inplace else torch.empty_like(k, memory_format=torch.contiguous_format)
+        qo = q if inplace else _like(q)
+        ko = k if inplace else _like(k)
         _launch(q, qo, k, ko, cos3, sin3, backward=False)
         return qo, ko
     leaf_needing_grad = (q.is_leaf and q.requires_grad) or (k.is_leaf and k.requires_grad)

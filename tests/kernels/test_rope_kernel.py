@@ -59,6 +59,26 @@ def test_rope_general_tables_and_shapes(kc):
             kc.assert_close(a, b, kc.tol[torch.float32], "grad")
 
 
+def test_rope_keeps_hf_layout_both_ways():
+    """HF's transposed views in, outputs and gradients out in the same memory layout: transposed back to
+    [B, S, H, D] they are contiguous, so attention reads them where they lie and the projections' backward
+    needs no copy."""
+    bsz, seq, hq, hk, dim = 2, 5, 4, 2, 16
+    cos, sin = _cos_sin(1, seq, dim, torch.float32)
+    q_lin = torch.randn(bsz, seq, hq * dim, device=DEVICE, requires_grad=True)
+    k_lin = torch.randn(bsz, seq, hk * dim, device=DEVICE, requires_grad=True)
+    q = (q_lin * 1).view(bsz, seq, hq, dim).transpose(1, 2)
+    k = (k_lin * 1).view(bsz, seq, hk, dim).transpose(1, 2)
+    seen = {}
+    q.register_hook(lambda g: seen.__setitem__("dq", g.stride()))
+    k.register_hook(lambda g: seen.__setitem__("dk", g.stride()))
+    qo, ko = apply_rope(q, k, cos, sin, inplace=True)
+    assert (qo.stride(), ko.stride()) == (q.stride(), k.stride())
+    assert qo.transpose(1, 2).is_contiguous() and ko.transpose(1, 2).is_contiguous()
+    (qo.sum() + ko.sum()).backward()
+    assert seen == {"dq": q.stride(), "dk": k.stride()}
+
+
 def test_rope_inplace_rules(kc):
     torch.manual_seed(3)
     cos, sin = _cos_sin(1, 4, 8, torch.float32)
