@@ -96,7 +96,9 @@ class TrainConfig(Section):
     seed: int = Field(42, description="Seed of initialisation, shuffling and dropout.")
     kernels: Literal["auto", "off"] = Field("auto", description="Use Forge's Triton kernels on CUDA.")
     gradient_checkpointing: Literal["auto", "full", "none", "offload"] = Field(
-        "auto", description="Activation checkpointing: by free memory (auto), always, never, or CPU offload."
+        "auto",
+        description="Activation checkpointing: by free memory (auto: spare memory also keeps dequantized 4-bit "
+        "weights and GLU outputs), always, never, or CPU offload.",
     )
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl line every N steps.")
     wandb_project: str | None = Field(None, description="Log to Weights & Biases when installed and set.")

@@ -25,7 +25,8 @@ weight that requires grad is refused rather than silently left without a gradien
 
 MLP (gate, up, down; h = act(e) * g with e, g the gate and up outputs): the forward saves x, e, g and the
 gate/up xa's; the backward computes dh = dy W_d + (dy s_d B_d) A_d, then one kernel (swiglu.py) gives
-h (recomputed, never saved), de and dg; then the down adapter's grads from h, and dx from both branches.
+h (recomputed), de and dg; then the down adapter's grads from h, and dx from both branches. With keep_h
+(memory to spare) the forward also saves h and h A_d^T, and the kernel writes only de and dg.
 
 QKV: one saved x and three projections; dx accumulates the three.
 
@@ -252,16 +253,18 @@ class LoRAQKVFunction(torch.autograd.Function):
 
 class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gA, gB, uA, uB, dA, dB, projs, activation: str, dtype):
+    def forward(ctx, x, gA, gB, uA, uB, dA, dB, projs, activation: str, dtype, keep_h: bool):
         gate, up, down = projs
         adapters = ((gA, gB), (uA, uB), (dA, dB))
         with no_autocast(x.device):
             x2 = _flat(x, dtype)
             (e, g), sv = _shared_fwd(x2, (gate, up), adapters[:2], dtype)
             h = glu_forward(e, g, activation)
-            (y,), sd = _shared_fwd(h, (down,), adapters[2:], dtype)  # h A_d^T is recomputed in backward with h
-            del h
-        ctx.save_for_backward(x2, e, g, *sv.tensors(), *sd.a, *sd.bs)
+            (y,), sd = _shared_fwd(h, (down,), adapters[2:], dtype)
+        # keep_h: h and h A_d^T stay for the backward; else both are recomputed there from e and g
+        kept = (h, sd.xa[0]) if keep_h else (None, None)
+        del h
+        ctx.save_for_backward(x2, e, g, *sv.tensors(), *sd.a, *sd.bs, *kept)
         ctx.projs, ctx.activation, ctx.dtype, ctx.x_meta = projs, activation, dtype, (x.shape, x.dtype)
         ctx.grad_dtypes = _grad_dtypes(adapters)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -269,7 +272,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, e, g, *saved = ctx.saved_tensors
-        a_d, bs_d = saved[7:]
+        a_d, bs_d, h, xa_d = saved[7:]
         gate, up, down = ctx.projs
         shape, xdtype = ctx.x_meta
         need = ctx.needs_input_grad
@@ -285,15 +288,17 @@ class LoRAMLPFunction(torch.autograd.Function):
                 dyb = dy2 @ bs_d
                 dh = torch.mm(dyb, a_d).addmm_(dy2, wd)
             del wd
-            h, de, dg = glu_backward(dh, e, g, ctx.activation, h_into_dh=True)
-            del dh
+            need_h = h is None and a_d is not None  # h serves only the down adapter's gradients
+            h_new, de, dg = glu_backward(dh, e, g, ctx.activation, h_into_dh=True, need_h=need_h)
+            h = h_new if need_h else h
+            del dh, h_new
             grad_dA = grad_dB = None
             if a_d is not None:
                 a_dtype, b_dtype = ctx.grad_dtypes[2]
                 if need[5]:
                     grad_dA = (dyb.t() @ h).to(a_dtype)
                 if need[6]:
-                    grad_dB = _scaled(dy2.t() @ (h @ a_d.t()), down.scaling, b_dtype)
+                    grad_dB = _scaled(dy2.t() @ (h @ a_d.t() if xa_d is None else xa_d), down.scaling, b_dtype)
             del h, dyb
             dx, (grad_gA, grad_uA), (grad_gB, grad_uB) = _shared_bwd(
                 (de, dg),
@@ -308,7 +313,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             )
         if dx is not None:
             dx = dx.view(shape).to(xdtype)
-        return dx, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB, None, None, None
+        return dx, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB, None, None, None, None
 
 
 # -------------------------------------------------------------------------------------- reference
@@ -347,14 +352,23 @@ def lora_qkv(x: torch.Tensor, q: LoRAProj, k: LoRAProj, v: LoRAProj):
     return LoRAQKVFunction.apply(x, q.A, q.B, k.A, k.B, v.A, v.B, (q, k, v), compute_dtype(x))
 
 
-def lora_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj, activation: str = "silu"):
+def lora_mlp(
+    x: torch.Tensor,
+    gate: LoRAProj,
+    up: LoRAProj,
+    down: LoRAProj,
+    activation: str = "silu",
+    keep_h: bool = False,
+):
     """down(act(gate(x)) * up(x)) with LoRA on any of the three: x [..., hidden] -> [..., hidden].
 
     activation: "silu" (SwiGLU), "gelu_tanh" or "gelu" (GeGLU), or a transformers ``hidden_act`` name.
+    keep_h: keep h = act(gate) * up (and h A_d^T) from the forward for the backward, [..., intermediate]
+    more memory a call, instead of recomputing them (the same values either way).
     """
     _act_code(activation)
     for name, p in (("gate", gate), ("up", up), ("down", down)):
         _check(p, f"lora_mlp.{name}")
     return LoRAMLPFunction.apply(
-        x, gate.A, gate.B, up.A, up.B, down.A, down.B, (gate, up, down), activation, compute_dtype(x)
+        x, gate.A, gate.B, up.A, up.B, down.A, down.B, (gate, up, down), activation, compute_dtype(x), keep_h
     )

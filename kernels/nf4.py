@@ -16,7 +16,7 @@ The kernel does exactly those fp32 operations, so its result equals ``dequantize
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -91,6 +91,8 @@ class NF4Weight:
     [n_blocks] when nested; shape: the weight's shape, (out, in); blocksize: elements per absmax;
     code: fp32 [16]; dtype: the dequantized dtype. Nested only: absmax2 fp32 [ceil(n_blocks / blocksize2)],
     code2 fp32 [256], offset fp32 (0-dim or [1]), blocksize2.
+    dense: a dict its owner keeps across calls (None: none) in which `as_dense` leaves the dequantized
+    weight for the next call, trading the dense weight's memory for the dequantization.
     """
 
     packed: torch.Tensor
@@ -103,17 +105,18 @@ class NF4Weight:
     code2: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     blocksize2: int = 256
+    dense: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def nested(self) -> bool:
         return self.absmax2 is not None
 
     @classmethod
-    def from_bnb(cls, packed: torch.Tensor, quant_state) -> NF4Weight:
+    def from_bnb(cls, packed: torch.Tensor, quant_state, dense: dict | None = None) -> NF4Weight:
         """From a ``Params4bit``'s data and its ``quant_state`` (``bitsandbytes.functional.QuantState``).
 
         Reads only attributes (absmax, shape, blocksize, code, dtype, nested, state2, offset): no import
-        of bitsandbytes here.
+        of bitsandbytes here. dense: see the class.
         """
         qs = quant_state
         dev = packed.device
@@ -134,13 +137,14 @@ class NF4Weight:
             blocksize=int(qs.blocksize),
             code=code.to(dev, torch.float32).contiguous(),
             dtype=qs.dtype,
+            dense=dense,
             **kw,
         )
 
     @classmethod
-    def from_linear4bit(cls, module) -> NF4Weight:
+    def from_linear4bit(cls, module, dense: dict | None = None) -> NF4Weight:
         """From a ``bitsandbytes.nn.Linear4bit`` (its ``weight`` and ``weight.quant_state``)."""
-        return cls.from_bnb(module.weight.data, module.weight.quant_state)
+        return cls.from_bnb(module.weight.data, module.weight.quant_state, dense)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_nf4(self, dtype)
@@ -204,7 +208,15 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
 
 
 def as_dense(weight, dtype: torch.dtype) -> torch.Tensor:
-    """A frozen weight as a dense tensor in dtype: NF4Weight is dequantized, a tensor cast (no copy if same)."""
-    if isinstance(weight, NF4Weight):
+    """A frozen weight as a dense tensor in dtype: NF4Weight is dequantized (or taken from its `dense` dict,
+    where the last call left it), a tensor cast (no copy if same)."""
+    if not isinstance(weight, NF4Weight):
+        return weight.to(dtype)
+    if weight.dense is None:
         return dequantize_nf4(weight, dtype)
-    return weight.to(dtype)
+    key = (dtype, weight.packed.data_ptr())  # a new packed tensor (the weight replaced) dequantizes anew
+    dense = weight.dense.get(key)
+    if dense is None:
+        weight.dense.clear()
+        dense = weight.dense[key] = dequantize_nf4(weight, dtype)
+    return dense

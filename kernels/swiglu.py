@@ -131,11 +131,17 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") 
 
 
 def glu_backward(
-    dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str = "silu", h_into_dh: bool = False
+    dh: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    activation: str = "silu",
+    h_into_dh: bool = False,
+    need_h: bool = True,
 ):
     """(h, d_gate, d_up) for h = act(gate) * up, without autograd.
 
     h_into_dh=True writes h over dh (which the caller owns and no longer needs): one buffer less.
+    need_h=False: the caller kept h from the forward; h is neither recomputed nor written (None is returned).
     """
     act = _act_code(activation)
     dh, gate, up = dh.contiguous(), gate.contiguous(), up.contiguous()
@@ -143,14 +149,15 @@ def glu_backward(
         e, g, d = gate.float(), up.float(), dh.float()
         f, df = _act_and_grad_torch(e, act)
         f_r = f.to(gate.dtype).float()
-        return (f_r * g).to(gate.dtype), (d * g * df).to(gate.dtype), (d * f_r).to(up.dtype)
-    h = dh if h_into_dh else torch.empty_like(gate)
+        h = (f_r * g).to(gate.dtype) if need_h else None
+        return h, (d * g * df).to(gate.dtype), (d * f_r).to(up.dtype)
+    h = (dh if h_into_dh else torch.empty_like(gate)) if need_h else None
     de = torch.empty_like(gate)
     dg = torch.empty_like(up)
     n = gate.numel()
     if n:
         _glu_bwd_kernel[(triton.cdiv(n, BLOCK),)](
-            dh, gate, up, h, de, dg, n, ACT=act, STORE_H=True, BLOCK=BLOCK, num_warps=4
+            dh, gate, up, dh if h is None else h, de, dg, n, ACT=act, STORE_H=need_h, BLOCK=BLOCK, num_warps=4
         )
     return h, de, dg
 

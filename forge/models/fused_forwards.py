@@ -29,6 +29,16 @@ from forge.models.projections import fused_projection
 # original does (anything else, e.g. paged attention, keeps the original forward).
 FUSED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 IGNORE_INDEX = -100
+KEEP_GLU_OUTPUT = "_forge_keep_h"  # on a patched MLP: keep act(gate) * up from forward to backward
+
+
+def keep_glu_output(module: torch.nn.Module) -> int:
+    """Let the patched MLPs inside `module` keep their GLU output for the backward instead of recomputing
+    it (`lora_mlp`'s keep_h); returns how many were set."""
+    mlps = [m for m in module.modules() if getattr(m, "_forge_activation", None) is not None]
+    for m in mlps:
+        setattr(m, KEEP_GLU_OUTPUT, True)
+    return len(mlps)
 
 
 def attention_implementation(config) -> str:
@@ -56,7 +66,7 @@ def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     act = self._forge_activation
     projs = [fused_projection(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
     if all(isinstance(p, LoRAProj) for p in projs):
-        return lora_mlp(x, *projs, activation=act)
+        return lora_mlp(x, *projs, activation=act, keep_h=getattr(self, KEEP_GLU_OUTPUT, False))
     return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), act))
 
 

@@ -13,6 +13,25 @@ from torch import nn
 from forge.kernels import LoRAProj, NF4Weight
 
 FOUR_BIT_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit formats the NF4 kernel dequantizes (it reads the code)
+DENSE_CACHE = "_forge_dense"  # on a Linear4bit: the dict in which its dequantized weight stays between calls
+
+
+def four_bit_linears(module: nn.Module) -> list[nn.Module]:
+    """The bitsandbytes 4-bit linear layers inside `module` (the layers that own a Params4bit, not PEFT's
+    wrappers, whose ``weight`` is their base layer's)."""
+    return [m for m in module.modules() if type(m._parameters.get("weight")).__name__ == "Params4bit"]
+
+
+def dequantized_bytes(module: nn.Module, act_bytes: int) -> int:
+    """Bytes the 4-bit linear layers inside `module` take dequantized to `act_bytes`-byte values."""
+    return sum(act_bytes * m.weight.quant_state.shape.numel() for m in four_bit_linears(module))
+
+
+def keep_dequantized(module: nn.Module) -> None:
+    """Let every 4-bit linear layer inside `module` keep its dequantized weight from one fused forward or
+    backward to the next: dequantized once a run instead of twice a step, for `dequantized_bytes` of memory."""
+    for m in four_bit_linears(module):
+        setattr(m, DENSE_CACHE, {})
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
@@ -30,7 +49,7 @@ def _frozen_base(base: nn.Module) -> tuple[torch.Tensor | NF4Weight, torch.Tenso
             return "4-bit weight repacked for bitsandbytes' CPU kernel (see forge.train.model.keep_4bit_trainable)"
         if getattr(state, "quant_type", None) not in FOUR_BIT_TYPES:
             return f"4-bit type {getattr(state, 'quant_type', None)!r} is not nf4/fp4"
-        dense = NF4Weight.from_linear4bit(base)
+        dense = NF4Weight.from_linear4bit(base, getattr(base, DENSE_CACHE, None))
     elif type(base) is nn.Linear:
         if weight.requires_grad:
             return "trainable base weight"

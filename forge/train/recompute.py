@@ -1,5 +1,6 @@
 """Activation recomputation by memory: which decoder layers keep their activations, which recompute them in
-the backward, and whether the recomputed layers' inputs wait in pinned CPU memory.
+the backward, and whether the recomputed layers' inputs wait in pinned CPU memory; with ``auto``, what the
+memory left over keeps instead of computing it again (dequantized 4-bit weights, GLU outputs).
 
 `plan_recompute` estimates, from the model's config, what one decoder layer keeps for the backward per
 micro-batch and what the step needs besides (optimizer state, backward temporaries, the loss chunks). With
@@ -21,6 +22,8 @@ import torch
 import torch.utils.checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from forge.models.fused_forwards import keep_glu_output
+from forge.models.projections import dequantized_bytes, keep_dequantized
 from forge.train.memory import free_memory_bytes
 
 HEADROOM = 0.9  # share of the free memory the plan may fill (the rest absorbs allocator fragmentation)
@@ -30,12 +33,16 @@ MODES = ("auto", "none", "full", "offload")
 @dataclass(frozen=True)
 class RecomputePlan:
     """The decision: `recompute` holds the decoder-layer indices recomputed in the backward; `offload` says
-    their inputs live in pinned CPU memory."""
+    their inputs live in pinned CPU memory. With ``auto`` and memory to spare once every layer keeps its
+    activations: `dequantized` layers keep their 4-bit weights dequantized across steps and `glu_kept`
+    layers keep their MLP's GLU output for the backward (both instead of computing them again)."""
 
     layers: int
     recompute: tuple[int, ...]
     offload: bool
     reason: str
+    dequantized: tuple[int, ...] = ()
+    glu_kept: tuple[int, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -51,6 +58,13 @@ class RecomputePlan:
         what = f"recompute {len(self.recompute)} of {self.layers} layers"
         if self.offload:
             what += ", their inputs offloaded to pinned CPU memory"
+        spare = []
+        if self.dequantized:
+            spare.append(f"dequantized 4-bit weights of {len(self.dequantized)} layers")
+        if self.glu_kept:
+            spare.append(f"GLU outputs of {len(self.glu_kept)} layers")
+        if spare:
+            what += "; spare memory keeps the " + " and the ".join(spare)
         return f"activation checkpointing: {self.mode} ({what}; {self.reason})"
 
 
@@ -77,6 +91,11 @@ def layer_activation_bytes(config, tokens: int, act_bytes: int, fused: bool) -> 
     return tokens * per_token * act_bytes
 
 
+def glu_output_bytes(config, tokens: int, act_bytes: int) -> int:
+    """Bytes one fused MLP keeps more when it keeps its GLU output act(gate) * up for the backward."""
+    return tokens * _dims(config)[3] * act_bytes
+
+
 def layer_input_bytes(config, tokens: int, act_bytes: int) -> int:
     """Bytes of one decoder layer's input (what a recomputed layer keeps)."""
     return tokens * config.hidden_size * act_bytes
@@ -101,12 +120,17 @@ def plan_recompute(
     free_bytes: int | None,
     fused: bool,
     can_offload: bool,
+    dequantized_bytes: int = 0,
 ) -> RecomputePlan:
     """The plan for `setting` (auto | none | full | offload) for micro-batches of `tokens` tokens.
 
     auto keeps layers 0..k-1 and recomputes the last ones (any choice costs the same; the earliest layers'
     backward comes last, when the memory of the others is already freed) with k as large as the free
     memory allows; offload when even full recomputation does not fit and the device can offload (CUDA).
+    When every layer keeps its activations, auto spends what is left of the budget, in this order (most
+    time saved per byte first): keeping the 4-bit weights of a layer dequantized (`dequantized_bytes` a
+    layer, 0 without 4-bit weights; saves two dequantizations a step), then the fused MLP's GLU output
+    (saves recomputing it and its down-adapter product in the backward).
     """
     layers = config.num_hidden_layers
     every = tuple(range(layers))
@@ -130,7 +154,13 @@ def plan_recompute(
     gib = 2**30
     why = f"needs ~{need / gib:.1f} GiB without recomputation, {free_bytes / gib:.1f} GiB free"
     if layers * kept <= budget:
-        return RecomputePlan(layers, (), False, why)
+        if setting != "auto":
+            return RecomputePlan(layers, (), False, why)
+        spare = budget - layers * kept
+        dequantized = min(layers, int(spare // dequantized_bytes)) if dequantized_bytes > 0 else 0
+        spare -= dequantized * dequantized_bytes
+        glu = min(layers, int(spare // glu_output_bytes(config, tokens, act_bytes))) if fused else 0
+        return RecomputePlan(layers, (), False, why, tuple(range(dequantized)), tuple(range(glu)))
     # k kept layers + (layers - k) inputs + one layer's activations while it is recomputed
     keep = int((budget - layers * small - kept) // max(kept - small, 1))
     if keep > 0:
@@ -148,7 +178,11 @@ def plan_for_model(
     fused = any(getattr(m, "_forge_family", None) is not None for m in hf.modules())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     free = free_memory_bytes(device)
-    return plan_recompute(setting, hf.config, tokens, act_bytes, trainable, free, fused, device.type == "cuda")
+    layers = decoder_layers(model)
+    dense = max((dequantized_bytes(layer, act_bytes) for layer in layers), default=0) if fused else 0
+    return plan_recompute(
+        setting, hf.config, tokens, act_bytes, trainable, free, fused, device.type == "cuda", dense
+    )
 
 
 def decoder_layers(model: torch.nn.Module) -> list[GradientCheckpointingLayer]:
@@ -158,13 +192,18 @@ def decoder_layers(model: torch.nn.Module) -> list[GradientCheckpointingLayer]:
 
 
 def apply_recompute(model: torch.nn.Module, plan: RecomputePlan) -> None:
-    """Set each decoder layer to keep, recompute, or recompute with an offloaded input, as planned."""
+    """Set each decoder layer to keep, recompute, or recompute with an offloaded input, as planned, and to
+    keep its dequantized 4-bit weights and its GLU output where the plan says so."""
     layers = decoder_layers(model)
     if len(layers) != plan.layers:
         raise ValueError(f"the plan is for {plan.layers} decoder layers, the model has {len(layers)}")
     chosen = set(plan.recompute)
     if chosen:
         model.config.use_cache = False
+    for index in plan.dequantized:
+        keep_dequantized(layers[index])
+    for index in plan.glu_kept:
+        keep_glu_output(layers[index])
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index in chosen
         if index in chosen:

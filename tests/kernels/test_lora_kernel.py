@@ -111,6 +111,31 @@ def test_lora_mlp(kc, activation, nf4, backend):
     )
 
 
+@pytest.mark.parametrize("down_adapter", [True, False], ids=["down_lora", "down_frozen"])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_lora_mlp_keep_h_gives_the_same_values(nf4, down_adapter, backend):
+    """keep_h (h and h A_d^T saved by the forward, not recomputed): the output and every gradient are the
+    very same bf16 values as without it, and the backward graph saves h."""
+    gate, up, down = (
+        _proj(o, i, nf4=nf4, dtype=torch.bfloat16, seed=120 + n, adapter=n < 2 or down_adapter)
+        for n, (o, i) in enumerate(MLP_SHAPES)
+    )
+    x = _x(torch.bfloat16)
+    inputs = [x, *_adapter_tensors(gate, up, down)]
+    runs = []
+    for keep_h in (False, True):
+        y = lora_mlp(x, gate, up, down, "silu", keep_h=keep_h)
+        saved = [t.shape for t in y.grad_fn.saved_tensors if t is not None]
+        grads = torch.autograd.grad(y, inputs, torch.ones_like(y))
+        runs.append((y, grads, saved))
+    (y0, g0, saved0), (y1, g1, saved1) = runs
+    assert torch.equal(y0, y1)
+    for i, (a, b) in enumerate(zip(g0, g1, strict=True)):
+        assert torch.equal(a, b), f"gradient {i} differs with keep_h"
+    assert saved0.count((6, INTER)) == 2  # e and g
+    assert saved1.count((6, INTER)) == 3  # and h
+
+
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 def test_lora_qkv(kc, nf4, backend):
     q = _proj(HIDDEN, HIDDEN, nf4=nf4, bias=True, seed=20)  # Qwen2 has q/k/v biases

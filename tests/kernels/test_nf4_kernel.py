@@ -84,3 +84,20 @@ def test_nf4_falls_back_without_triton(kc, monkeypatch):
     packed, state = _quantize((16, 64), torch.float32, 64, True, seed=5)
     monkeypatch.setenv("FORGE_KERNELS", "off")
     kc.assert_close(dequantize_nf4(NF4Weight.from_bnb(packed, state)), bnbf.dequantize_4bit(packed, state), 1e-6)
+
+
+def test_as_dense_keeps_the_dequantized_weight_in_the_owners_dict():
+    """With a `dense` dict, the weight is dequantized once per dtype and packed tensor: later calls return
+    that very tensor; another dtype or a replaced packed tensor dequantizes anew (and the old copy goes)."""
+    packed, state = _quantize((32, 64), torch.float32, 64, True, seed=3)
+    kept: dict = {}
+    w = NF4Weight.from_bnb(packed, state, dense=kept)
+    first = as_dense(w, torch.bfloat16)
+    assert torch.equal(first, dequantize_nf4(w, torch.bfloat16))
+    assert as_dense(NF4Weight.from_bnb(packed, state, dense=kept), torch.bfloat16) is first  # a new view, one dict
+    assert torch.equal(as_dense(w, torch.float32), dequantize_nf4(w, torch.float32)) and len(kept) == 1
+    packed2, state2 = _quantize((32, 64), torch.float32, 64, True, seed=4)
+    replaced = as_dense(NF4Weight.from_bnb(packed2, state2, dense=kept), torch.float32)
+    assert torch.equal(replaced, dequantize_nf4(NF4Weight.from_bnb(packed2, state2), torch.float32))
+    assert not torch.equal(replaced, as_dense(w, torch.float32))
+    assert as_dense(NF4Weight.from_bnb(packed, state), torch.bfloat16) is not first  # no dict: dequantized each call

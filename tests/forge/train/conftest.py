@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from forge.config import TrainConfig
 from forge.torch_threads import torch_threads
+from forge.train.model import keep_4bit_trainable
 
 from .synthetic import BOS, EOS, PAD, VOCAB, arithmetic_examples, write_data
 
@@ -62,3 +63,21 @@ def one_thread() -> Iterator[None]:
     """Tiny models run fastest on one thread, and the 2-core CI machine is shared with other tests."""
     with torch_threads(1):
         yield
+
+
+@pytest.fixture
+def nf4_base() -> Callable[[Path], torch.nn.Module]:
+    """Loads a saved model as QLoRA does on the CPU: NF4, double quantization, fp32 compute."""
+
+    def load(model_dir: Path) -> torch.nn.Module:
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": "cpu"})
+        keep_4bit_trainable(model)
+        return model
+
+    return load

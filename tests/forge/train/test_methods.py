@@ -7,29 +7,16 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 from forge.train.batches import make_batch
 from forge.train.loss import evaluate, summed_loss
-from forge.train.model import keep_4bit_trainable, load_model
+from forge.train.model import load_model
 from forge.train.precision import Precision
 from forge.train.recipe import EVAL_SPLIT, read_split, run_training
 
 CPU = torch.device("cpu")
 FP32 = Precision("fp32")
-
-
-def nf4_base(model_dir):
-    """The base as QLoRA loads it: NF4, double quantization, fp32 compute on CPU."""
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": "cpu"})
-    keep_4bit_trainable(model)
-    return model
 
 
 def short_names(targets: list[str]) -> set[str]:
@@ -49,7 +36,7 @@ def train(tiny_llama_dir, arithmetic_data, small_config, tmp_path, **overrides):
 
 @pytest.mark.parametrize("method", ["lora", "rslora", "qlora"])
 def test_adapter_loads_with_peft_and_reproduces_the_final_eval_loss(
-    method, tiny_llama_dir, arithmetic_data, small_config, tmp_path
+    method, tiny_llama_dir, arithmetic_data, small_config, tmp_path, nf4_base
 ):
     out, stats, lines = train(tiny_llama_dir, arithmetic_data, small_config, tmp_path, method=method)
     assert stats["eval_loss"] < stats["initial_eval_loss"] - 0.05

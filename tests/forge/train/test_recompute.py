@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from forge.models.fused_forwards import KEEP_GLU_OUTPUT
+from forge.models.patching import patch_for_training
+from forge.models.projections import DENSE_CACHE, four_bit_linears
 from forge.train.memory import free_memory_bytes
 from forge.train.recompute import (
     HEADROOM,
     apply_recompute,
     decoder_layers,
+    glu_output_bytes,
     layer_activation_bytes,
     layer_input_bytes,
     plan_for_model,
@@ -27,8 +33,11 @@ GIB = 2**30
 LORA_8B = 41_943_040  # r 16 on all seven projections
 
 
-def plan(setting, tokens, free, can_offload=True):
-    return plan_recompute(setting, LLAMA_8B, tokens, 2, LORA_8B, free, fused=True, can_offload=can_offload)
+DEQUANTIZED_8B = 2 * 218_103_808  # one layer's seven projections in bf16
+
+
+def plan(setting, tokens, free, can_offload=True, dequantized=0, fused=True):
+    return plan_recompute(setting, LLAMA_8B, tokens, 2, LORA_8B, free, fused, can_offload, dequantized)
 
 
 def test_layer_estimate_of_the_fused_path_for_llama_8b():
@@ -41,6 +50,30 @@ def test_auto_keeps_everything_when_it_fits():
     p = plan("auto", 4096, free=62 * GIB)  # 2 x 2048 tokens on an 80 GB card after 16 GB of weights
     assert (p.mode, p.recompute, p.offload) == ("none", (), False)
     assert "GiB free" in p.reason
+
+
+def test_auto_spends_spare_memory_on_dequantized_weights_then_on_glu_outputs():
+    tokens = 4096
+    fixed = step_workspace_bytes(LLAMA_8B, tokens, 2, LORA_8B)
+    kept = 32 * layer_activation_bytes(LLAMA_8B, tokens, 2, True)
+    glu = glu_output_bytes(LLAMA_8B, tokens, 2)
+    assert glu == 4096 * 14336 * 2
+
+    def free_for(spare):  # the free memory that leaves `spare` bytes once every layer keeps its activations
+        return (fixed + kept + spare) / HEADROOM
+
+    roomy = plan("auto", tokens, free_for(32 * DEQUANTIZED_8B + 32 * glu + GIB), dequantized=DEQUANTIZED_8B)
+    assert (roomy.mode, roomy.dequantized, roomy.glu_kept) == ("none", tuple(range(32)), tuple(range(32)))
+    assert "spare memory keeps the dequantized 4-bit weights of 32 layers and the GLU outputs of 32" in roomy.line()
+    tight = plan("auto", tokens, free_for(10.5 * DEQUANTIZED_8B), dequantized=DEQUANTIZED_8B)
+    assert (len(tight.dequantized), len(tight.glu_kept)) == (10, 1)  # half a layer's weights: one GLU output
+    sixteen_bit = plan("auto", tokens, free_for(5 * glu + 1))
+    assert (sixteen_bit.dequantized, sixteen_bit.glu_kept) == ((), tuple(range(5)))
+    # only auto spends it, only the fused path keeps GLU outputs, none when layers must recompute
+    assert plan("none", tokens, free_for(40 * GIB), dequantized=DEQUANTIZED_8B).dequantized == ()
+    assert plan("auto", tokens, free_for(40 * GIB), fused=False).glu_kept == ()
+    partial = plan("auto", 16384, 62 * GIB, dequantized=DEQUANTIZED_8B)
+    assert partial.mode == "partial" and (partial.dequantized, partial.glu_kept) == ((), ())
 
 
 def test_auto_recomputes_only_the_layers_that_do_not_fit():
@@ -108,6 +141,44 @@ def test_plan_for_a_loaded_model_reads_its_config_and_free_memory(tiny_llama_dir
     assert free_memory_bytes(torch.device("cpu")) > 0
     p = plan_for_model(model, "auto", 64, torch.device("cpu"), 4)
     assert (p.mode, p.layers) == ("none", 2)
+
+
+def spare_memory_run(base: torch.nn.Module, dequantized: tuple[int, ...], glu_kept: tuple[int, ...]):
+    """Two forward/backward passes of the patched LoRA model (CPU: the fused Functions with their PyTorch
+    kernels) with the spare-memory choices given; the LoRA gradients of each pass, and the model."""
+    torch.manual_seed(0)
+    base.config.use_cache = False  # as forge.train loads it (with a cache the patched attention steps aside)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    patch_for_training(model, log=lambda _: None)
+    p = plan_for_model(model, "none", 32, torch.device("cpu"), 4)
+    apply_recompute(model, dataclasses.replace(p, dequantized=dequantized, glu_kept=glu_kept))
+    model.train()
+    ids = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(1))
+    passes = []
+    for _ in range(2):  # the second pass takes the kept dequantized weights
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        passes.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    return passes, model
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "nf4"])
+def test_what_spare_memory_keeps_changes_no_gradient(tiny_llama_dir, nf4_base, four_bit):
+    def base():
+        return nf4_base(tiny_llama_dir) if four_bit else AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+
+    reference, _ = spare_memory_run(base(), (), ())
+    kept, model = spare_memory_run(base(), (0,) if four_bit else (), (1,))
+    for before, after in zip(reference, kept, strict=True):
+        assert before.keys() == after.keys() and len(before) == 28
+        for name, grad in before.items():
+            assert torch.equal(after[name], grad), name
+    layers = decoder_layers(model)
+    assert [getattr(layer.mlp, KEEP_GLU_OUTPUT, False) for layer in layers] == [False, True]
+    if four_bit:  # layer 0's seven 4-bit projections hold their dequantized weight; layer 1's none
+        caches = [[getattr(m, DENSE_CACHE, None) for m in four_bit_linears(layer)] for layer in layers]
+        assert len(caches[0]) == 7 and all(c is not None and len(c) == 1 for c in caches[0])
+        assert caches[1] == [None] * 7
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, copy stream)")
