@@ -5,7 +5,8 @@
 # A run is SYSTEM:BITS[:CHECKPOINTING]; forge* runs use bench/speed.py, the others the peers' recipe.
 # Carried folders: .whl (bash ../shared/bench-peers/fetch-wheels.sh .whl), .peers (cp -r ../shared/bench-peers
 # .peers) and .gpu/py (Forge's pure-Python dependencies as Python 3.12 wheels).
-# Env: SEQ (2048), BS (2), STEPS (6), PER_RUN_S (170), OUT ($OUT or /tmp/out). Writes OUT/results.jsonl,
+# Env: SEQ (2048), BS (2), STEPS (6), PER_RUN_S (170), OUT ($OUT or /tmp/out), PROFILE and TRACE (forge runs:
+# top kernels in the result; the profiled step's chrome trace in OUT). Writes OUT/results.jsonl,
 # OUT/<date>-<device>-<shape>.json and .md (bench/report.py), and one log per run.
 set -u
 SHAPE=$1; RUNS=$2
@@ -34,7 +35,7 @@ for r in $RUNS; do
   echo "== $r (bs $BS, seq $SEQ)"
   if [[ $system == forge* ]]; then
     timeout "${PER_RUN_S:-170}" python3 bench/speed.py run --model "$M" --system "$system" --bits "$bits" \
-      --checkpointing "${ckpt:-auto}" --bs "$BS" --seq "$SEQ" --steps "$STEPS" ${PROFILE:+--profile} > "$log" 2>&1
+      --checkpointing "${ckpt:-auto}" --bs "$BS" --seq "$SEQ" --steps "$STEPS" ${PROFILE:+--profile} ${TRACE:+--trace "$OUT/trace-$system-$bits.json"} > "$log" 2>&1
   else
     timeout "${PER_RUN_S:-170}" python3 .peers/peers_bench.py run --model "$M" --system "$system" --bits "$bits" \
       --bs "$BS" --seq "$SEQ" --steps "$STEPS" --warmup 2 > "$log" 2>&1

@@ -14,11 +14,13 @@ from forge.train.precision import Precision
 def shifted_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The label each position predicts (the next token's), -100 where nothing is learned.
 
-    The first token of every example is never a target: in a packed sequence it would otherwise be
-    predicted from the previous example's last token.
+    The first token of every example is never a target: in a packed sequence (``position_ids`` restarting
+    at 0) it would otherwise be predicted from the previous example's last token. Without position_ids,
+    each row is one example.
     """
     targets = batch["labels"][:, 1:].clone()
-    targets[batch["position_ids"][:, 1:] == 0] = IGNORE_INDEX
+    if "position_ids" in batch:
+        targets[batch["position_ids"][:, 1:] == 0] = IGNORE_INDEX
     return targets
 
 

@@ -57,3 +57,16 @@ def test_padding_carries_no_loss(tiny_llama_dir):
         first = summed_loss(model, alone, FP32, CPU)
         second = summed_loss(model, make_batch(split, [1], pad_id=0), FP32, CPU)
     torch.testing.assert_close(both, first + second, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_without_position_ids_is_one_example_a_row(tiny_llama_dir):
+    """input_ids and labels only (a plain batch, as benchmarks pass): every next token is a target, and the
+    loss is the model's own summed cross-entropy."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    assert count_targets(batch) == 2 * 8
+    with torch.no_grad():
+        loss = summed_loss(model, batch, FP32, CPU)
+        mean = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss, mean * 16, rtol=1e-5, atol=1e-5)
