@@ -38,6 +38,16 @@ def keep_4bit_trainable(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def qlora_quantization(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """How QLoRA loads the base: bitsandbytes NF4 with double quantization, computing in `compute_dtype`."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def linear_layer_names(model: torch.nn.Module) -> set[str]:
     """Short names (q_proj, up_proj, ...) of the linear layers inside the decoder, the output head excluded."""
     head = model.get_output_embeddings()
@@ -79,12 +89,7 @@ def load_model(
     """
     kwargs: dict = {"dtype": torch.float32 if cfg.method == "full" else precision.dtype}
     if cfg.method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=precision.dtype,
-        )
+        kwargs["quantization_config"] = qlora_quantization(precision.dtype)
         kwargs["device_map"] = {"": str(device)}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     if cfg.method == "qlora":

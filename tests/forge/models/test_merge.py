@@ -12,13 +12,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    BitsAndBytesConfig,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
 )
 
 from forge.models.merge import MergeError, merge_into
+from forge.train.model import qlora_quantization
 
 
 def _load_converter_tiny_models():
@@ -138,8 +138,7 @@ def test_merge_is_exact_on_smollm2_and_keeps_tokenizer_and_generation_config(smo
 
 def test_nf4_base_is_dequantized_then_merged(tmp_path):
     base = _base(tmp_path / "base")
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
+    q = qlora_quantization(torch.float32)
     AutoModelForCausalLM.from_pretrained(base, quantization_config=q, device_map="cpu").save_pretrained(tmp_path / "q4")
     quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu")
     peft_model = _adapter(quantized, tmp_path / "adapter")

@@ -75,16 +75,13 @@ def test_patched_lora_model_matches_peft(family):
 
 def _nf4_llama(folder):
     """A tiny Llama quantized to NF4 (double-quantized) by bitsandbytes on load, fp32 compute."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from forge.train.model import qlora_quantization
 
     # Every dimension a multiple of 64: bitsandbytes' CPU dequantization misplaces blocks for other shapes.
     tm.random_model(tm.tiny_config("llama", kv_heads=4)).save_pretrained(folder)
-    nf4 = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
+    nf4 = qlora_quantization(torch.float32)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4, device_map={"": "cpu"})
     assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "Params4bit"
     return model

@@ -60,14 +60,9 @@ def _model(folder: Path, four_bit: bool, dtype: torch.dtype, lora: dict | None) 
     from transformers import AutoModelForCausalLM
 
     if four_bit:
-        from transformers import BitsAndBytesConfig
+        from forge.train.model import qlora_quantization
 
-        nf4 = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        nf4 = qlora_quantization(dtype)
         base = AutoModelForCausalLM.from_pretrained(
             folder, quantization_config=nf4, dtype=dtype, device_map={"": DEVICE}
         )

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from forge.config import TrainConfig
 from forge.torch_threads import torch_threads
-from forge.train.model import keep_4bit_trainable
+from forge.train.model import keep_4bit_trainable, qlora_quantization
 
 from .synthetic import BOS, EOS, PAD, VOCAB, arithmetic_examples, write_data
 
@@ -70,12 +70,7 @@ def nf4_base() -> Callable[[Path], torch.nn.Module]:
     """Loads a saved model as QLoRA does on the CPU: NF4, double quantization, fp32 compute."""
 
     def load(model_dir: Path) -> torch.nn.Module:
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        )
+        quant = qlora_quantization(torch.float32)
         model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": "cpu"})
         keep_4bit_trainable(model)
         return model

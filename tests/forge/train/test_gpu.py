@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from forge.config import TrainConfig
 from forge.train.loss import evaluate
+from forge.train.model import qlora_quantization
 from forge.train.precision import Precision
 from forge.train.recipe import EVAL_SPLIT, read_split, run_training
 
@@ -57,12 +58,7 @@ def test_qlora_trains_a_1b_llama_in_bf16_and_the_adapter_loads_with_peft(llama_1
     assert stats["precision"] in ("bf16", "fp16") and stats["peak_memory_kind"] == "cuda_max_allocated"
     assert stats["eval_loss"] < stats["initial_eval_loss"]
 
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    quant = qlora_quantization(torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(llama_1b, quantization_config=quant, device_map={"": "cuda:0"})
     model = PeftModel.from_pretrained(base, out / "adapter")
     precision = Precision(stats["precision"])
