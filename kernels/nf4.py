@@ -214,9 +214,11 @@ def as_dense(weight, dtype: torch.dtype) -> torch.Tensor:
         return weight.to(dtype)
     if weight.dense is None:
         return dequantize_nf4(weight, dtype)
-    key = (dtype, weight.packed.data_ptr())  # a new packed tensor (the weight replaced) dequantizes anew
-    dense = weight.dense.get(key)
-    if dense is None:
+    # Keyed by the packed bytes' address, with those bytes held alive by the entry: a replaced weight can
+    # never take that address while its predecessor is cached, so it is dequantized anew.
+    key = (dtype, weight.packed.data_ptr())
+    entry = weight.dense.get(key)
+    if entry is None:
         weight.dense.clear()
-        dense = weight.dense[key] = dequantize_nf4(weight, dtype)
-    return dense
+        entry = weight.dense[key] = (weight.packed, dequantize_nf4(weight, dtype))
+    return entry[1]

@@ -32,13 +32,12 @@ IGNORE_INDEX = -100
 KEEP_GLU_OUTPUT = "_forge_keep_h"  # on a patched MLP: keep act(gate) * up from forward to backward
 
 
-def keep_glu_output(module: torch.nn.Module) -> int:
+def keep_glu_output(module: torch.nn.Module) -> None:
     """Let the patched MLPs inside `module` keep their GLU output for the backward instead of recomputing
-    it (`lora_mlp`'s keep_h); returns how many were set."""
-    mlps = [m for m in module.modules() if getattr(m, "_forge_activation", None) is not None]
-    for m in mlps:
-        setattr(m, KEEP_GLU_OUTPUT, True)
-    return len(mlps)
+    it (`lora_mlp`'s keep_h)."""
+    for m in module.modules():
+        if getattr(m, "_forge_activation", None) is not None:
+            setattr(m, KEEP_GLU_OUTPUT, True)
 
 
 def attention_implementation(config) -> str:

@@ -120,7 +120,7 @@ def plan_recompute(
     free_bytes: int | None,
     fused: bool,
     can_offload: bool,
-    dequantized_bytes: int = 0,
+    dequantized_layer_bytes: int = 0,
 ) -> RecomputePlan:
     """The plan for `setting` (auto | none | full | offload) for micro-batches of `tokens` tokens.
 
@@ -128,8 +128,8 @@ def plan_recompute(
     backward comes last, when the memory of the others is already freed) with k as large as the free
     memory allows; offload when even full recomputation does not fit and the device can offload (CUDA).
     When every layer keeps its activations, auto spends what is left of the budget, in this order (most
-    time saved per byte first): keeping the 4-bit weights of a layer dequantized (`dequantized_bytes` a
-    layer, 0 without 4-bit weights; saves two dequantizations a step), then the fused MLP's GLU output
+    time saved per byte first): keeping the 4-bit weights of a layer dequantized (`dequantized_layer_bytes`
+    a layer, 0 without 4-bit weights; saves two dequantizations a step), then the fused MLP's GLU output
     (saves recomputing it and its down-adapter product in the backward).
     """
     layers = config.num_hidden_layers
@@ -157,8 +157,9 @@ def plan_recompute(
         if setting != "auto":
             return RecomputePlan(layers, (), False, why)
         spare = budget - layers * kept
-        dequantized = min(layers, int(spare // dequantized_bytes)) if dequantized_bytes > 0 else 0
-        spare -= dequantized * dequantized_bytes
+        per_layer = dequantized_layer_bytes
+        dequantized = min(layers, int(spare // per_layer)) if per_layer > 0 else 0
+        spare -= dequantized * per_layer
         glu = min(layers, int(spare // glu_output_bytes(config, tokens, act_bytes))) if fused else 0
         return RecomputePlan(layers, (), False, why, tuple(range(dequantized)), tuple(range(glu)))
     # k kept layers + (layers - k) inputs + one layer's activations while it is recomputed
