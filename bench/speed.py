@@ -8,8 +8,10 @@ LoRA r 16 (alpha 16) on q/k/v/o/gate/up/down, bf16, AdamW lr 1e-4, the same four
 bs x seq tokens (generator seed 0, labels = inputs), 2 warm-up steps, then timed steps; peak memory is
 CUDA's peak allocation over the timed steps, weights included. The model is loaded, patched and stepped by
 Forge's own training code (`forge.train.model.load_model`, `forge.train.recompute`, `forge.train.loop.train_step`,
-which also clips the gradient norm as the train stage does). Prints one ``RESULT {json}`` line; with
-``--profile`` also the top CUDA kernels of one step and their share of its time.
+which also clips the gradient norm as the train stage does). Batches carry ``input_ids`` and ``labels``
+only, as the peers' recipe gives its systems. Prints one ``RESULT {json}`` line; with ``--profile`` also the
+top CUDA kernels of one step and their share of its time, and the top non-GEMM operators by input shapes
+(``--trace FILE``: that step's chrome trace).
 """
 
 from __future__ import annotations
