@@ -109,11 +109,11 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_the_one_before(
 
 @pytest.mark.slow
 def test_ctrl_c_stops_with_a_resume_hint_and_keeps_the_checkpoint(tiny_llama_dir, arithmetic_data, tmp_path):
-    proc = start(spec(tmp_path, tiny_llama_dir, arithmetic_data))
-    first = tmp_path / "work" / "checkpoints" / "step-0000004"
-    deadline = time.time() + 240
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
+    # The child waits after its step-4 checkpoint (a tiny run could otherwise finish before the signal lands).
+    proc = start(spec(tmp_path, tiny_llama_dir, arithmetic_data, pause_after_step=4))
+    paused = proc.stdout.readline()
+    while paused and not paused.startswith("paused after checkpoint step-0000004"):
+        paused = proc.stdout.readline()
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, output

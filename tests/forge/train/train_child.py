@@ -1,7 +1,8 @@
 """A training run in its own process, for the resume tests to kill: python train_child.py SPEC_JSON.
 
 SPEC: model, data, out, work (paths), config (TrainConfig fields) and optionally die_saving_step: the
-process SIGKILLs itself in the middle of writing that step's checkpoint.
+process SIGKILLs itself in the middle of writing that step's checkpoint; or pause_after_step: once that
+step's checkpoint is complete the run waits (a minute at most) for the test's signal.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from forge.config import TrainConfig
-from forge.train import checkpoint
+from forge.train import checkpoint, loop
 from forge.train.recipe import run_training
 
 
@@ -32,11 +34,27 @@ def die_while_saving(step: int) -> None:
     checkpoint.torch.save = save
 
 
+def pause_after_saving(step: int) -> None:
+    """Make the run wait after the checkpoint of `step` is in place, so a signal surely lands mid-run."""
+    real_save = loop.save_checkpoint
+
+    def save(root, saved_step, *args, **kwargs):
+        result = real_save(root, saved_step, *args, **kwargs)
+        if saved_step == step:
+            print(f"paused after checkpoint step-{step:07d}", flush=True)
+            time.sleep(60)
+        return result
+
+    loop.save_checkpoint = save
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(1)
     if spec.get("die_saving_step"):
         die_while_saving(spec["die_saving_step"])
+    if spec.get("pause_after_step"):
+        pause_after_saving(spec["pause_after_step"])
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     run_training(
