@@ -50,6 +50,9 @@ def pause_after_saving(step: int) -> None:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    # A test's SIGINT must raise KeyboardInterrupt as Ctrl-C does, also when the tests run as a background job
+    # of a non-interactive shell (which starts every child with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(1)
     if spec.get("die_saving_step"):
         die_while_saving(spec["die_saving_step"])
