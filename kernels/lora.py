@@ -288,10 +288,11 @@ class LoRAMLPFunction(torch.autograd.Function):
                 dyb = dy2 @ bs_d
                 dh = torch.mm(dyb, a_d).addmm_(dy2, wd)
             del wd
-            need_h = h is None and a_d is not None  # h serves only the down adapter's gradients
-            h_new, de, dg = glu_backward(dh, e, g, ctx.activation, h_into_dh=True, need_h=need_h)
-            h = h_new if need_h else h
-            del dh, h_new
+            # h serves only the down adapter's gradients: recomputed when one needs it and it was not kept
+            need_h = h is None and a_d is not None
+            recomputed, de, dg = glu_backward(dh, e, g, ctx.activation, h_into_dh=True, need_h=need_h)
+            h = recomputed if h is None else h
+            del dh, recomputed
             grad_dA = grad_dB = None
             if a_d is not None:
                 a_dtype, b_dtype = ctx.grad_dtypes[2]

@@ -153,9 +153,7 @@ def plan_recompute(
     budget = HEADROOM * free_bytes - fixed
     gib = 2**30
     why = f"needs ~{need / gib:.1f} GiB without recomputation, {free_bytes / gib:.1f} GiB free"
-    if layers * kept <= budget:
-        if setting != "auto":
-            return RecomputePlan(layers, (), False, why)
+    if layers * kept <= budget:  # auto (the other settings returned above)
         spare = budget - layers * kept
         per_layer = dequantized_layer_bytes
         dequantized = min(layers, int(spare // per_layer)) if per_layer > 0 else 0
