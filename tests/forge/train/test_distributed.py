@@ -1,4 +1,4 @@
-"""Each rank's share of a step, the step's target count without a batch, and the choice of DDP or FSDP."""
+"""Each rank's share of a step, the target count without a batch, DDP or FSDP, gradient clipping."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from forge.data.shards import build_split
 from forge.train.batches import BatchOrder, make_batch, masked_batch, sequence_targets
-from forge.train.distributed import choose_mode, rank_share
+from forge.train.distributed import choose_mode, clip_gradients, rank_share
 from forge.train.loss import count_targets
 
 from .synthetic import arithmetic_examples, example
@@ -48,3 +48,24 @@ def test_auto_shards_full_fine_tunes_and_replicates_lora_on_cpu(tiny_llama_dir):
     assert choose_mode("fsdp", "lora", tiny_llama_dir, cpu, torch.float32) == ("fsdp", "train.distributed=fsdp")
     with pytest.raises(ValueError, match=r"^train.distributed=fsdp: QLoRA's 4-bit base cannot be sharded"):
         choose_mode("fsdp", "qlora", tiny_llama_dir, cpu, torch.float32)
+
+
+@pytest.mark.parametrize("max_norm", [None, 1.0, 1e6])
+def test_clip_gradients_gives_torchs_norm_and_clipped_gradients_bit_for_bit(max_norm):
+    """Forge's one-group path (hundreds of LoRA gradients on one device) against torch's clip_grad_norm_."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(16, 64), (64, 16), (16,)] * 40
+    ours = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    ref = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for a, b in zip(ours, ref, strict=True):
+        a.grad = torch.randn(a.shape, generator=gen) * 0.05
+        b.grad = a.grad.clone()
+    ours[5].grad = None  # a parameter without a gradient this step
+    ref[5].grad = None
+    norm = clip_gradients(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(ref, max_norm if max_norm is not None else float("inf"), foreach=True)
+    assert torch.equal(norm, expected)
+    assert all(a.grad is None and b.grad is None or torch.equal(a.grad, b.grad) for a, b in zip(ours, ref, strict=True))
+    if max_norm == 1.0:
+        clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ours if p.grad is not None]))
+        assert norm > 1.0 and clipped == pytest.approx(1.0, rel=1e-4)
