@@ -6,8 +6,9 @@
 # Carried folders: .whl (bash ../shared/bench-peers/fetch-wheels.sh .whl), .peers (cp -r ../shared/bench-peers
 # .peers) and .gpu/py (Forge's pure-Python dependencies as Python 3.12 wheels).
 # Env: SEQ (2048), BS (2), STEPS (6), PER_RUN_S (170), OUT ($OUT or /tmp/out), PROFILE and TRACE (forge runs:
-# top kernels in the result; the profiled step's chrome trace in OUT). Writes OUT/results.jsonl,
-# OUT/<date>-<device>-<shape>.json and .md (bench/report.py), and one log per run.
+# top kernels in the result; the profiled step's chrome trace in OUT), LONGEST (runs for bench/longest.py, first:
+# the longest sequence at batch 1 within CAP_GIB, default 24, LONGEST_ARGS passed on; RUNS may then be "").
+# Writes OUT/results.jsonl, OUT/<date>-<device>.json and .md (bench/report.py), and one log per run.
 set -u
 SHAPE=$1; RUNS=$2
 SEQ=${SEQ:-2048}; BS=${BS:-2}; STEPS=${STEPS:-6}; OUT=${OUT:-/tmp/out}
@@ -28,6 +29,11 @@ if [ ! -d "$M" ]; then
     llama8b|llama1b) python3 .peers/peers_bench.py make --shape "$SHAPE" --out "$M" 2>&1 | tail -1 ;;
     *) python3 bench/speed.py make --shape "$SHAPE" --out "$M" 2>&1 | tail -1 ;;
   esac
+fi
+if [ -n "${LONGEST:-}" ]; then
+  python3 bench/longest.py --model "$M" --cap-gib "${CAP_GIB:-24}" --out "$OUT" ${LONGEST_ARGS:-} "$LONGEST" 2>&1 \
+    | tee "$OUT/longest.txt" | grep --line-buffered -v "^RESULT"  # each try as it ends (a call cut short keeps them)
+  grep "^RESULT" "$OUT/longest.txt" | python3 bench/report.py --tag-shape "$SHAPE" | tee -a "$OUT/results.jsonl"
 fi
 for r in $RUNS; do
   IFS=: read -r system bits ckpt <<< "$r"

@@ -5,7 +5,8 @@
 
 A row: system (forge = memory-matched, forge-auto, unsloth, liger, hf), bits, shape, bs, seq, tokens_per_s,
 peak_gib, loss after the timed steps, and what the run recorded of versions and device. The table gives
-each row's speed and memory against Unsloth's row of the same shape, bits and sequence length.
+each row's speed and memory against Unsloth's row of the same shape, bits and sequence length; rows from
+`bench/longest.py` (with `longest_within_gib`) make a second table: the longest sequence at batch 1 within the cap.
 """
 
 from __future__ import annotations
@@ -55,6 +56,32 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def longest_table(rows: list[dict]) -> str:
+    """Markdown: the longest sequence at batch 1 within the memory cap, per shape, bits and system."""
+    if not rows:
+        return ""
+    cap = rows[0]["longest_within_gib"]
+    head = f"Longest sequence at batch 1 within {cap:g} GiB:\n\n"
+    head += "| shape | bits | system | longest seq | tokens/s there | peak GiB | first failed | tries |\n"
+    head += "|---|---|---|---|---|---|---|---|\n"
+    lines = []
+    for row in sorted(rows, key=lambda r: (r["shape"], -r["bits"], -r["seq"])):
+        failed = f"{row['first_failed_seq']:,}" if row["first_failed_seq"] else "none tried"
+        label = row["system"] + (f" ({row['checkpointing']})" if "checkpointing" in row else "")
+        lines.append(
+            f"| {row['shape']} | {row['bits']} | {label} | {row['seq']:,} | {row['tokens_per_s']:,.0f} "
+            f"| {row['peak_gib']:.1f} | {failed} | {row['tries']} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def tables(rows: list[dict]) -> str:
+    """The throughput table, then (when there are such rows) the longest-sequence table."""
+    longest = [r for r in rows if "longest_within_gib" in r]
+    throughput = [r for r in rows if "longest_within_gib" not in r]
+    return "\n".join(t for t in (table(throughput) if throughput else "", longest_table(longest)) if t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="?", type=Path)
@@ -70,8 +97,8 @@ def main() -> None:
     stem = f"{datetime.date.today().isoformat()}-{device_slug(rows)}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(table(rows))
-    print(table(rows))
+    (args.out / f"{stem}.md").write_text(tables(rows))
+    print(tables(rows))
 
 
 if __name__ == "__main__":

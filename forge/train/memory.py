@@ -9,9 +9,17 @@ import torch
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    """Free memory of the device (CUDA) or available RAM (CPU, Linux); None when unknown."""
+    """Free memory of the device (CUDA) or available RAM (CPU, Linux); None when unknown.
+
+    On CUDA a process cap (`torch.cuda.set_per_process_memory_fraction`, e.g. to share a GPU) counts: the
+    free memory is then at most the cap less what this process's allocator already holds."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        fraction = torch.cuda.get_per_process_memory_fraction(index)
+        if fraction < 1.0:
+            free = min(free, max(0, int(fraction * total) - torch.cuda.memory_reserved(index)))
+        return free
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -143,6 +143,23 @@ def test_plan_for_a_loaded_model_reads_its_config_and_free_memory(tiny_llama_dir
     assert (p.mode, p.layers) == ("none", 2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_free_memory_stays_within_a_process_memory_cap():
+    """A process capped with set_per_process_memory_fraction (a shared GPU; the benchmark's 24-GiB runs)
+    plans within the cap, less what its allocator already holds."""
+    device, index = torch.device("cuda"), torch.cuda.current_device()
+    held = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    total = torch.cuda.mem_get_info(index)[1]
+    try:
+        torch.cuda.set_per_process_memory_fraction(0.25, index)
+        capped = free_memory_bytes(device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
+    assert torch.cuda.memory_reserved(index) >= held.numel()
+    assert capped == int(0.25 * total) - torch.cuda.memory_reserved(index)
+    assert free_memory_bytes(device) > 0.5 * total  # no cap: what the device has free
+
+
 def spare_memory_run(base: torch.nn.Module, dequantized: tuple[int, ...], glu_kept: tuple[int, ...]):
     """Two forward/backward passes of the patched LoRA model (CPU: the fused Functions with their PyTorch
     kernels) with the spare-memory choices given; the LoRA gradients of each pass, and the model."""
