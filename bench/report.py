@@ -33,6 +33,11 @@ def device_slug(rows: list[dict]) -> str:
     return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
 
 
+def label(row: dict) -> str:
+    """The system, with Forge's checkpointing mode: 'forge (offload)'."""
+    return row["system"] + (f" ({row['checkpointing']})" if "checkpointing" in row else "")
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: one line per run, grouped by shape, sequence length and bits, ratios against Unsloth."""
     head = "| shape | bits | bs x seq | system | tokens/s | peak GiB | vs Unsloth speed | vs Unsloth memory | loss |\n"
@@ -48,10 +53,9 @@ def table(rows: list[dict]) -> str:
         ref = next((r for r in rows if r["system"] == "unsloth" and (r["shape"], r["bits"], r["seq"]) == same), None)
         speed = f"{row['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else ""
         memory = f"{row['peak_gib'] / ref['peak_gib']:.2f}x" if ref else ""
-        label = row["system"] + (f" ({row['checkpointing']})" if "checkpointing" in row else "")
         lines.append(
-            f"| {row['shape']} | {row['bits']} | {row['bs']} x {row['seq']} | {label} | {row['tokens_per_s']:,.0f} "
-            f"| {row['peak_gib']:.1f} | {speed} | {memory} | {row['loss']:.4f} |"
+            f"| {row['shape']} | {row['bits']} | {row['bs']} x {row['seq']} | {label(row)} "
+            f"| {row['tokens_per_s']:,.0f} | {row['peak_gib']:.1f} | {speed} | {memory} | {row['loss']:.4f} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -67,9 +71,8 @@ def longest_table(rows: list[dict]) -> str:
     lines = []
     for row in sorted(rows, key=lambda r: (r["shape"], -r["bits"], -r["seq"])):
         failed = f"{row['first_failed_seq']:,}" if row["first_failed_seq"] else "none tried"
-        label = row["system"] + (f" ({row['checkpointing']})" if "checkpointing" in row else "")
         lines.append(
-            f"| {row['shape']} | {row['bits']} | {label} | {row['seq']:,} | {row['tokens_per_s']:,.0f} "
+            f"| {row['shape']} | {row['bits']} | {label(row)} | {row['seq']:,} | {row['tokens_per_s']:,.0f} "
             f"| {row['peak_gib']:.1f} | {failed} | {row['tries']} |"
         )
     return head + "\n".join(lines) + "\n"

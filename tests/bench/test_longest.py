@@ -1,9 +1,8 @@
-"""bench/longest.py: the search for the longest fitting sequence, its run specs, the capped child, the table."""
+"""bench/longest.py: the search for the longest fitting sequence, its run specs, the capped child."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -76,25 +75,3 @@ def test_the_capped_child_refuses_to_run_without_cuda_instead_of_running_uncappe
     )
     assert done.returncode != 0 and "needs a CUDA device" in done.stderr
     assert not marker.exists()
-
-
-def test_report_puts_longest_rows_in_their_own_table(tmp_path):
-    common = {"bs": 1, "last_loss": 12.5, "gpu": "NVIDIA H100 80GB HBM3", "shape": "llama8b", "bits": 16}
-    rows = [
-        {**common, "system": "unsloth", "seq": 2048, "bs": 2, "tokens_per_s": 10000.0, "peak_gib": 16.7},
-        {**common, "system": "unsloth", "seq": 34816, "tokens_per_s": 8000.0, "peak_gib": 23.6,
-         "longest_within_gib": 24.0, "first_failed_seq": 35840, "tries": 5},
-        {**common, "system": "forge-auto", "checkpointing": "offload", "seq": 40960, "tokens_per_s": 9000.0,
-         "peak_gib": 23.1, "longest_within_gib": 24.0, "first_failed_seq": None, "tries": 3},
-    ]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = subprocess.run(
-        [sys.executable, BENCH / "report.py", tmp_path / "results.jsonl", "--out", tmp_path / "out"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    throughput, _, longest_part = out.partition("Longest sequence at batch 1 within 24 GiB")
-    assert "| llama8b | 16 | 2 x 2048 | unsloth | 10,000 |" in throughput and "34,816" not in throughput
-    assert "| llama8b | 16 | forge-auto (offload) | 40,960 | 9,000 | 23.1 | none tried | 3 |" in longest_part
-    assert "| llama8b | 16 | unsloth | 34,816 | 8,000 | 23.6 | 35,840 | 5 |" in longest_part
