@@ -17,9 +17,10 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 UNSLOTH_DISABL
 if [ ! -e /tmp/site/.ready ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl .gpu/py/*.whl 2>&1 | tail -2
   tar xzf .whl/site.tgz -C /tmp/site
-  python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . 2>&1 | tail -2
   touch /tmp/site/.ready
 fi
+rm -rf /tmp/site/forge /tmp/site/forge_llm-*.dist-info  # this checkout's Forge on every call (a warm machine keeps the last)
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . 2>&1 | grep -v "already exists" | tail -2
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 M=/tmp/model-$SHAPE

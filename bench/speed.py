@@ -125,10 +125,22 @@ def top_ops(prof, n: int = 30) -> list[dict]:
     return rows[:n]
 
 
+def profiled(step, sync, trace: str | None):
+    """The torch profiler's record of one step (CPU and CUDA), its chrome trace written to `trace` if given."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        step()
+        sync()
+    if trace:
+        prof.export_chrome_trace(trace)
+    return prof
+
+
 def run(args: argparse.Namespace) -> dict:
     from forge.config import TrainConfig
     from forge.pipeline import versions
-    from forge.train.loop import train_step
+    from forge.train.loop import step_copies, train_step
     from forge.train.model import load_model
     from forge.train.optim import make_optimizer
     from forge.train.precision import Precision
@@ -170,15 +182,17 @@ def run(args: argparse.Namespace) -> dict:
         batch = {"input_ids": ids, "labels": ids}  # what the peers' recipe gives its systems
         losses.append(train_step(model, [batch], optimizer, None, 1.0, precision, device))
 
-    for i in range(args.warmup):
-        step(i)
-    sync()
-    t0 = time.time()
-    for i in range(args.warmup, args.warmup + args.steps):
-        step(i)
-    sync()
-    dt = time.time() - t0
-    losses = [r.values()[0] for r in losses]
+    with step_copies():  # as the training loop runs its steps
+        for i in range(args.warmup):
+            step(i)
+        sync()
+        t0 = time.time()
+        for i in range(args.warmup, args.warmup + args.steps):
+            step(i)
+        sync()
+        dt = time.time() - t0
+        prof = profiled(lambda: step(0), sync, args.trace) if args.profile else None
+    losses = [r.values()[0] for r in losses[: args.warmup + args.steps]]  # not the profiled step
     result = dict(
         system=args.system,
         bits=args.bits,
@@ -200,15 +214,7 @@ def run(args: argparse.Namespace) -> dict:
         kernels=args.kernels,
         versions=versions(),
     )
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-        with profile(activities=activities, record_shapes=True) as prof:
-            step(0)
-            sync()
-        if args.trace:
-            prof.export_chrome_trace(args.trace)
+    if prof is not None:
         result["profile"] = top_kernels(prof, result["step_s"] * 1000)
         result["profile_ops"] = top_ops(prof)
     print("RESULT " + json.dumps(result), flush=True)

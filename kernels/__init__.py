@@ -2,7 +2,16 @@
 
 from ._device import HAS_TRITON, use_triton
 from .cross_entropy import cross_entropy_reference, fused_linear_cross_entropy, shift_labels
-from .lora import LoRAProj, lora_linear, lora_mlp, lora_mlp_reference, lora_proj_reference, lora_qkv
+from .lora import (
+    LoRAProj,
+    keep_compute_copies,
+    lora_linear,
+    lora_mlp,
+    lora_mlp_reference,
+    lora_proj_reference,
+    lora_qkv,
+    refresh_compute_copies,
+)
 from .nf4 import NF4Weight, as_dense, dequantize_nf4, dequantize_nf4_reference
 from .rmsnorm import rms_norm, rms_norm_reference
 from .rope import apply_rope, rope_reference
@@ -21,11 +30,13 @@ __all__ = [
     "geglu",
     "glu",
     "glu_reference",
+    "keep_compute_copies",
     "lora_linear",
     "lora_mlp",
     "lora_mlp_reference",
     "lora_proj_reference",
     "lora_qkv",
+    "refresh_compute_copies",
     "rms_norm",
     "rms_norm_reference",
     "rope_reference",

@@ -32,14 +32,16 @@ QKV: one saved x and three projections; dx accumulates the three.
 
 The heavy products are cuBLAS matmuls (``torch.mm``/``addmm_``) in the compute dtype (x's, or autocast's
 when it is on); Triton does the NF4 dequantization and the activation. A and B may be fp32 masters: each
-forward casts A (or A_cat) and s B to the compute dtype once (s folded into B's cast: one kernel) and saves
-those small copies for the backward; the gradients are returned in each parameter's own dtype.
+forward casts A (or A_cat) and s B to the compute dtype once (s folded into B's cast: one kernel; in training,
+once and then rewritten after each optimizer step: `keep_compute_copies`) and saves those small copies for the
+backward; the gradients are returned in each parameter's own dtype.
 On CPU without Triton the same Functions run, with the PyTorch versions of those two kernels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -79,6 +81,68 @@ def _scaled(t: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
     if s == 1.0:
         return t.to(dtype)
     return torch.mul(t, s, out=torch.empty_like(t, dtype=dtype))
+
+
+class _Kept(NamedTuple):
+    parts: tuple[torch.Tensor, ...]  # referenced, so their ids are not reused while the copy is kept
+    scaling: float
+    copy: torch.Tensor
+    rows: list[torch.Tensor]  # the copy's row blocks, one a part (the copy itself for one part)
+
+
+_kept: dict[tuple, _Kept] | None = None  # inside keep_compute_copies
+
+
+@contextmanager
+def keep_compute_copies() -> Iterator[None]:
+    """Within this block, `compute_copy` makes each copy once and hands the same one out again.
+
+    The training loop holds one open over its steps: the adapters' compute-dtype copies are then made in
+    the first forward and afterwards only rewritten in place by `refresh_compute_copies` after each
+    optimizer step (a few multi-tensor launches for all of them), instead of 13 small casts a decoder layer
+    in every forward, which is host-bound between its big GEMMs. Nested blocks share the outer one's copies.
+    """
+    global _kept
+    outer = _kept
+    _kept = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _kept = outer
+
+
+def refresh_compute_copies() -> None:
+    """Rewrite every kept copy from its parts' values now: call after the parameters were updated in place
+    (the optimizer step). Each copy gets exactly the values a new `compute_copy` would give."""
+    if not _kept:
+        return
+    by_scaling: dict[float, tuple[list, list]] = {}
+    for kept in _kept.values():
+        dsts, srcs = by_scaling.setdefault(kept.scaling, ([], []))
+        dsts += kept.rows
+        srcs += kept.parts
+    with torch.no_grad():
+        for s, (dsts, srcs) in by_scaling.items():
+            # s t in the parts' dtype, then cast: the rounding of torch.mul(t, s, out=<compute dtype>)
+            torch._foreach_copy_(dsts, srcs if s == 1.0 else torch._foreach_mul(srcs, s))
+
+
+def compute_copy(parts: Sequence[torch.Tensor], dtype: torch.dtype, s: float = 1.0) -> torch.Tensor:
+    """s cat(parts) in dtype (parts itself when that is the one part as it is); never written by the kernels.
+
+    Inside `keep_compute_copies` each copy is made once (not under inference mode: its tensors cannot be
+    saved for a later backward)."""
+    if len(parts) == 1 and s == 1.0 and parts[0].dtype == dtype:
+        return parts[0]
+    key = (dtype, s, *map(id, parts))
+    if _kept is not None and key in _kept:
+        return _kept[key].copy
+    with torch.no_grad():  # used inside the Functions only, which give the parameters their gradients
+        copy = _scaled(parts[0] if len(parts) == 1 else torch.cat(list(parts)), s, dtype)
+    if _kept is not None and not torch.is_inference_mode_enabled():
+        rows = list(copy.split([t.shape[0] for t in parts])) if len(parts) > 1 else [copy]
+        _kept[key] = _Kept(tuple(parts), s, copy, rows)
+    return copy
 
 
 def _grad_dtypes(adapters: Sequence[tuple]) -> list[tuple[torch.dtype, torch.dtype] | None]:
@@ -122,15 +186,17 @@ def _proj_out(x: torch.Tensor, p: LoRAProj, xa, bs, dtype: torch.dtype) -> torch
 
 def _shared_fwd(x: torch.Tensor, projs: Sequence[LoRAProj], adapters: Sequence[tuple], dtype: torch.dtype):
     """([y], _Saved) for the projections sharing x [T, in] (in dtype), adapters their (A, B) pairs."""
-    bs = [None if B is None else _scaled(B, p.scaling, dtype) for p, (_, B) in zip(projs, adapters, strict=True)]
+    bs = [
+        None if B is None else compute_copy((B,), dtype, p.scaling) for p, (_, B) in zip(projs, adapters, strict=True)
+    ]
     if _concat(adapters):
         ranks = [A.shape[0] for A, _ in adapters]
-        a_cat = torch.cat([A for A, _ in adapters]).to(dtype)  # the masters concatenated, then cast once
+        a_cat = compute_copy([A for A, _ in adapters], dtype)  # the masters concatenated, then cast once
         a = list(a_cat.split(ranks))
         xa = list((x @ a_cat.t()).split(ranks, dim=1))
     else:
         a_cat = None
-        a = [None if A is None else A.to(dtype) for A, _ in adapters]
+        a = [None if A is None else compute_copy((A,), dtype) for A, _ in adapters]
         xa = [None if ai is None else x @ ai.t() for ai in a]
     ys = [_proj_out(x, p, xai, bsi, dtype) for p, xai, bsi in zip(projs, xa, bs, strict=True)]
     return ys, _Saved(xa, a, bs, a_cat)

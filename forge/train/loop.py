@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from forge.config import TrainConfig
 from forge.data.shards import IGNORE_INDEX, TokenSplit
+from forge.kernels import keep_compute_copies, refresh_compute_copies
 from forge.train.batches import BatchOrder, make_batch, masked_batch, sequence_length, sequence_targets
 from forge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from forge.train.distributed import SINGLE, Parallel, clip_gradients
@@ -91,12 +93,13 @@ def train_step(
         targets = sum(count_targets(b) for b in micro_batches)
     forward = parallel.forward_module(model)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for i, batch in enumerate(micro_batches):
-        with parallel.sync(last=i == len(micro_batches) - 1):
-            loss_sum = summed_loss(forward, batch, precision, device)
-            scaled = loss_sum * parallel.world / max(targets, 1)
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += loss_sum.detach()
+    with keep_compute_copies():  # the adapters' compute-dtype copies: one for all the step's forwards at least
+        for i, batch in enumerate(micro_batches):
+            with parallel.sync(last=i == len(micro_batches) - 1):
+                loss_sum = summed_loss(forward, batch, precision, device)
+                scaled = loss_sum * parallel.world / max(targets, 1)
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            total += loss_sum.detach()
     parallel.sum_(total)
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -107,8 +110,16 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
+    refresh_compute_copies()  # copies kept across steps (`step_copies`) take the updated values
     optimizer.zero_grad(set_to_none=True)
     return StepResult(DeviceScalars(total / max(targets, 1), grad_norm), targets)
+
+
+def step_copies(parallel: Parallel = SINGLE) -> AbstractContextManager:
+    """The block to run training steps in: the adapters' compute-dtype copies are kept from step to step
+    (`train_step` rewrites them after each update) instead of made in every forward. Not under FSDP, whose
+    gathered parameters exist only during a forward or backward."""
+    return nullcontext() if parallel.mode == "fsdp" else keep_compute_copies()
 
 
 def train_loop(
@@ -173,7 +184,7 @@ def train_loop(
 
     model.train()
     try:
-        with TrainProgress(total, state.step, show_progress and parallel.is_main) as bar:
+        with TrainProgress(total, state.step, show_progress and parallel.is_main) as bar, step_copies(parallel):
 
             def report(done: QueuedStep) -> None:
                 """Log a finished step (reading its loss waits for that step only)."""

@@ -304,3 +304,56 @@ def test_frozen_weight_is_required(kc):
         lora_linear(_x(torch.float32), o._replace(weight=o.weight.clone().requires_grad_()))
     with pytest.raises(ValueError, match="both A and B"):
         lora_linear(_x(torch.float32), o._replace(B=None))
+
+
+def test_compute_copies_are_kept_within_a_block_only():
+    """Outside `keep_compute_copies` every call copies; inside, one copy per parts/dtype/scaling, dropped at
+    the block's end (the next optimizer step copies the updated parameters)."""
+    from forge.kernels import keep_compute_copies
+    from forge.kernels.lora import compute_copy
+
+    a1, a2 = (torch.randn(4, HIDDEN, device=DEVICE, requires_grad=True) for _ in range(2))
+    assert compute_copy((a1,), torch.float32) is a1  # nothing to copy
+    assert compute_copy((a1, a2), torch.bfloat16) is not compute_copy((a1, a2), torch.bfloat16)
+    with keep_compute_copies():
+        kept = compute_copy((a1, a2), torch.bfloat16, 0.5)
+        assert torch.equal(kept, (torch.cat([a1, a2]) * 0.5).to(torch.bfloat16)) and not kept.requires_grad
+        assert compute_copy((a1, a2), torch.bfloat16, 0.5) is kept
+        assert compute_copy((a1, a2), torch.bfloat16, 2.0) is not kept  # another scaling, another copy
+        assert compute_copy((a2, a1), torch.bfloat16, 0.5) is not kept
+        with keep_compute_copies():
+            assert compute_copy((a1, a2), torch.bfloat16, 0.5) is kept  # nested: the outer block's copies
+        with torch.inference_mode():
+            compute_copy((a1,), torch.float16)
+        assert not compute_copy((a1,), torch.float16).is_inference()  # an inference tensor is never kept
+    with torch.no_grad():
+        a2.mul_(2)
+    with keep_compute_copies():
+        assert torch.equal(compute_copy((a1, a2), torch.bfloat16, 0.5), (torch.cat([a1, a2]) * 0.5).to(torch.bfloat16))
+
+
+def test_refreshed_copies_equal_new_copies_bit_for_bit():
+    """After an in-place update, `refresh_compute_copies` rewrites each kept copy (one part or several,
+    any scaling) to exactly what a new copy would be, in the same tensor."""
+    from forge.kernels import keep_compute_copies, refresh_compute_copies
+    from forge.kernels.lora import compute_copy
+
+    g = torch.Generator(device="cpu").manual_seed(5)
+    parts = [torch.randn(r, HIDDEN, generator=g).to(DEVICE).requires_grad_() for r in (4, 8, 2)]
+    calls = [(parts, 1.0), (parts[:1], 0.5), (parts[1:2], 1 / 3), (parts[2:], 2.7)]
+    with keep_compute_copies():
+        kept = [compute_copy(p, torch.bfloat16, s) for p, s in calls]
+        with torch.no_grad():
+            for p in parts:
+                p.add_(torch.randn(p.shape, generator=g).to(DEVICE))
+        refresh_compute_copies()
+        for (p, s), copy in zip(calls, kept, strict=True):
+            assert compute_copy(p, torch.bfloat16, s) is copy
+            assert torch.equal(copy, _fresh(p, s))
+
+
+def _fresh(parts, s):
+    """A copy made outside any block (the values a forward without kept copies uses)."""
+    from forge.kernels.lora import compute_copy
+
+    return compute_copy(parts, torch.bfloat16, s)

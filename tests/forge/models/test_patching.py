@@ -10,6 +10,7 @@ The autograd graph of every fused-path loss is checked to hold the fused Functio
 silently fell back to the reference could not pass.
 """
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -149,6 +150,29 @@ def test_gradient_accumulation_with_normalizer_is_exact():
         total += loss
         summed = {n: summed.get(n, 0) + g for n, g in grads.items()}
     _assert_same(total, summed, full_loss, full_grads)
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["step", "loop"])
+def test_patched_model_trains_step_by_step_as_peft(kept):
+    """Three optimizer steps of the training step (two micro-batches each), alone or inside the loop's
+    `step_copies` block: every step's loss equals the unpatched model's, so the adapters' compute copies
+    that the fused path keeps (within a step, or from step to step) follow every optimizer update."""
+    from forge.train.loop import step_copies, train_step
+    from forge.train.precision import Precision
+
+    micro = [{key: value[row : row + 1] for key, value in BATCH.items()} for row in range(2)]
+    losses = {}
+    for patched in (False, True):
+        model = tm.add_lora(tm.random_model(tm.tiny_config("llama")))  # scaling 2: s B is a copy
+        if patched:
+            patch_for_training(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=True)
+        cpu, fp32 = torch.device("cpu"), Precision("fp32")
+        with step_copies() if kept else contextlib.nullcontext():
+            losses[patched] = [train_step(model, micro, optimizer, None, None, fp32, cpu).values()[0] for _ in range(3)]
+    assert losses[False][0] - losses[False][2] > 0.01  # the steps moved the adapters
+    for got, ref in zip(losses[True], losses[False], strict=True):
+        assert abs(got - ref) / ref < TOL, (losses[True], losses[False])
 
 
 def test_unpatched_loss_is_next_token_cross_entropy_within_examples():
