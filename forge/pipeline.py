@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -323,8 +324,16 @@ class Pipeline:
         started = time.time()
         try:
             summary = stage.run(ctx) or {}
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            full = disk_full(exc) if isinstance(exc, Exception) else None
+            if full is not None:
+                free = shutil.disk_usage(self.run_dir).free / 2**30
+                raise PipelineError(
+                    f"stage {stage.name}: the disk is full ({full}); its partial output is removed ({free:.2f} GiB "
+                    f"free at {self.run_dir} now) and finished stages are kept: free space or set run.dir to a "
+                    "larger disk (`forge check` estimates what the run needs), then run again"
+                ) from exc
             raise
         seconds = time.time() - started
         manifest = {
@@ -399,6 +408,28 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
             found += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
         return found
     return [(prefix.rstrip("."), old, new)] if old != new else []
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))  # as native libraries word it
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """What the file system refused to store, when exc (or an exception it came from) is a full disk or
+    quota: Python's OSError, or the same OS error in the message of a native library (safetensors:
+    "No space left on device (os error 28)"); None for any other error."""
+    seen: BaseException | None = exc
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return f"{seen.strerror}: {seen.filename}" if seen.filename else str(seen.strerror)
+        text = str(seen)
+        for message in DISK_FULL_MESSAGES:
+            if message in text:
+                return message
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 FORGE = str(Path(sys.executable).parent / "forge")
 
 
@@ -34,6 +36,24 @@ def test_stages_lists_all_nine_in_order(tmp_path):
     names = ["base", "data", "train", "merge", "gguf", "quantize", "eval", "ollama", "push"]
     positions = [result.stdout.index(f" {n} ") for n in names]
     assert positions == sorted(positions)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_with_one_line(tmp_path):
+    """`forge run` in a 64 MiB file system: the base stage's safetensors writer (native code) hits the full
+    disk; the user reads one line saying so, and no partial output is left to fill the disk further."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)")
+    try:
+        result = forge("run", "--to", "base", cwd=small)
+        assert result.returncode == 1
+        assert "stage base: the disk is full (No space left on device" in result.stderr
+        assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+        assert not any((small / "runs" / "default" / ".tmp").glob("*"))
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_kill_during_a_stage_leaves_nothing_that_counts(tmp_path):

@@ -137,6 +137,29 @@ def test_failed_stage_keeps_earlier_results_and_leaves_no_output(make):
     assert not (pipe.run_dir / ".lock").exists()
 
 
+class DiskFiller(Recorder):
+    """Writes its output through a link to /dev/full: the kernel's real ENOSPC, as on a full disk."""
+
+    def run(self, ctx):
+        (ctx.out / "weights.bin").symlink_to("/dev/full")
+        with open(ctx.out / "weights.bin", "wb") as f:
+            f.write(b"\0" * 2**20)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_is_one_line_and_keeps_earlier_results(make):
+    pipe, _ = make(stages=[Recorder("a"), DiskFiller("b", ("a",))])
+    with pytest.raises(PipelineError) as caught:
+        pipe.run("b")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("stage b: the disk is full (No space left on device); its partial output is removed")
+    assert f"free at {pipe.run_dir} now" in message and "finished stages are kept" in message and "run.dir" in message
+    assert read_manifest(pipe.run_dir / "a") is not None
+    assert not (pipe.run_dir / "b").exists() and not any((pipe.run_dir / ".tmp").glob("*"))
+    assert not (pipe.run_dir / ".lock").exists()
+
+
 def test_lock_names_the_live_owner(make):
     pipe, _ = make()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
