@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> dict:
         batch = {"input_ids": ids, "labels": ids}  # what the peers' recipe gives its systems
         losses.append(train_step(model, [batch], optimizer, None, 1.0, precision, device))
 
-    with step_copies():  # as the training loop runs its steps
+    with nullcontext() if args.casts_every_forward else step_copies():  # as the training loop runs its steps
         for i in range(args.warmup):
             step(i)
         sync()
@@ -236,6 +237,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument(
+        "--casts-every-forward",
+        action="store_true",
+        help="make the adapters' compute-dtype casts in every forward, as before session 6 (for A/B runs)",
+    )
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--trace", help="with --profile: write the profiled step's chrome trace here")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a quick check of the script)")

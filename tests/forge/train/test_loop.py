@@ -15,7 +15,7 @@ import torch
 from forge.config import TrainConfig
 from forge.data.shards import build_split
 from forge.train.batches import make_batch
-from forge.train.loop import train_step
+from forge.train.loop import step_copies, train_step
 from forge.train.model import load_model
 from forge.train.optim import make_optimizer
 from forge.train.precision import Precision
@@ -38,12 +38,13 @@ def test_a_training_step_never_synchronizes_with_the_host(tiny_llama_dir, checkp
     optimizer = make_optimizer(model, cfg)
     split = build_split([arithmetic_examples(4, seed=s) for s in range(4)])  # 4 sequences of 4 packed examples
     batches = [make_batch(split, [0, 1], PAD), make_batch(split, [2, 3], PAD)]  # two micro-batches
-    train_step(model, batches, optimizer, None, 1.0, precision, cuda)  # warm-up: kernels compile, handles open
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        result = train_step(model, batches, optimizer, None, 1.0, precision, cuda)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with step_copies():  # as the loop runs its steps: the adapters' casts kept, refreshed after each update
+        train_step(model, batches, optimizer, None, 1.0, precision, cuda)  # warm-up: kernels compile, handles open
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            result = train_step(model, batches, optimizer, None, 1.0, precision, cuda)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     loss, grad_norm = result.values()
     assert math.isfinite(loss) and loss > 0 and grad_norm > 0
