@@ -26,7 +26,9 @@ weight that requires grad is refused rather than silently left without a gradien
 MLP (gate, up, down; h = act(e) * g with e, g the gate and up outputs): the forward saves x, e, g and the
 gate/up xa's; the backward computes dh = dy W_d + (dy s_d B_d) A_d, then one kernel (swiglu.py) gives
 h (recomputed), de and dg; then the down adapter's grads from h, and dx from both branches. With keep_h
-(memory to spare) the forward also saves h and h A_d^T, and the kernel writes only de and dg.
+(memory to spare) the forward also saves h and h A_d^T, and the kernel writes only de and dg. A forward
+run again only for its graph (activation recomputation, where the MLP's output feeds nothing the backward
+reads) skips the GLU and the down projection: ``compute_output=False`` saves the same tensors and returns zeros.
 
 QKV: one saved x and three projections; dx accumulates the three.
 
@@ -319,18 +321,25 @@ class LoRAQKVFunction(torch.autograd.Function):
 
 class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gA, gB, uA, uB, dA, dB, projs, activation: str, dtype, keep_h: bool):
+    def forward(ctx, x, gA, gB, uA, uB, dA, dB, projs, activation: str, dtype, keep_h: bool, compute_output: bool):
         gate, up, down = projs
         adapters = ((gA, gB), (uA, uB), (dA, dB))
         with no_autocast(x.device):
             x2 = _flat(x, dtype)
             (e, g), sv = _shared_fwd(x2, (gate, up), adapters[:2], dtype)
-            h = glu_forward(e, g, activation)
-            (y,), sd = _shared_fwd(h, (down,), adapters[2:], dtype)
+            h = glu_forward(e, g, activation) if compute_output or keep_h else None
+            if compute_output:
+                (y,), sd = _shared_fwd(h, (down,), adapters[2:], dtype)
+                a_d, bs_d, xa_d = sd.a[0], sd.bs[0], sd.xa[0]
+            else:  # only what the backward reads: the down adapter's copies (and h A_d^T with keep_h)
+                a_d = None if dA is None else compute_copy((dA,), dtype)
+                bs_d = None if dB is None else compute_copy((dB,), dtype, down.scaling)
+                xa_d = None if h is None or a_d is None else h @ a_d.t()
+                y = x2.new_zeros(x2.shape[0], down.weight.shape[0])
         # keep_h: h and h A_d^T stay for the backward; else both are recomputed there from e and g
-        kept = (h, sd.xa[0]) if keep_h else (None, None)
+        kept = (h, xa_d) if keep_h else (None, None)
         del h
-        ctx.save_for_backward(x2, e, g, *sv.tensors(), *sd.a, *sd.bs, *kept)
+        ctx.save_for_backward(x2, e, g, *sv.tensors(), a_d, bs_d, *kept)
         ctx.projs, ctx.activation, ctx.dtype, ctx.x_meta = projs, activation, dtype, (x.shape, x.dtype)
         ctx.grad_dtypes = _grad_dtypes(adapters)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -380,7 +389,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             )
         if dx is not None:
             dx = dx.view(shape).to(xdtype)
-        return dx, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB, None, None, None, None
+        return dx, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB, None, None, None, None, None
 
 
 # -------------------------------------------------------------------------------------- reference
@@ -426,16 +435,31 @@ def lora_mlp(
     down: LoRAProj,
     activation: str = "silu",
     keep_h: bool = False,
+    compute_output: bool = True,
 ):
     """down(act(gate(x)) * up(x)) with LoRA on any of the three: x [..., hidden] -> [..., hidden].
 
     activation: "silu" (SwiGLU), "gelu_tanh" or "gelu" (GeGLU), or a transformers ``hidden_act`` name.
     keep_h: keep h = act(gate) * up (and h A_d^T) from the forward for the backward, [..., intermediate]
     more memory a call, instead of recomputing them (the same values either way).
+    compute_output: False returns zeros in place of the output and skips the down projection (and the GLU
+    unless keep_h): for a recomputation whose output only carries the graph to the backward, which needs
+    neither (the same gradients either way).
     """
     _act_code(activation)
     for name, p in (("gate", gate), ("up", up), ("down", down)):
         _check(p, f"lora_mlp.{name}")
     return LoRAMLPFunction.apply(
-        x, gate.A, gate.B, up.A, up.B, down.A, down.B, (gate, up, down), activation, compute_dtype(x), keep_h
+        x,
+        gate.A,
+        gate.B,
+        up.A,
+        up.B,
+        down.A,
+        down.B,
+        (gate, up, down),
+        activation,
+        compute_dtype(x),
+        keep_h,
+        compute_output,
     )

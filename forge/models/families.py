@@ -23,6 +23,7 @@ class Family:
     sliding_window: str | None  # where the attention reads its window: "module" attribute, "config", or none
     attn_softcap: bool  # attention-logit soft-capping passed to the attention interface (Gemma2)
     final_softcap: bool  # config.final_logit_softcapping applies to the logits (Gemma2, Gemma3)
+    post_mlp_norm: bool  # a norm reads the MLP's output before the residual add (Gemma2, Gemma3)
 
     def modeling(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -37,13 +38,13 @@ _M = "transformers.models.{0}.modeling_{0}"
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llama", _M.format("llama"), "Llama", False, False, None, False, False),
-        Family("mistral", _M.format("mistral"), "Mistral", False, False, "config", False, False),
-        Family("qwen2", _M.format("qwen2"), "Qwen2", False, False, "module", False, False),
-        Family("qwen3", _M.format("qwen3"), "Qwen3", False, True, "module", False, False),
-        Family("gemma", _M.format("gemma"), "Gemma", True, False, None, False, False),
-        Family("gemma2", _M.format("gemma2"), "Gemma2", True, False, "module", True, True),
-        Family("gemma3_text", _M.format("gemma3"), "Gemma3", True, True, "module", False, True),
+        Family("llama", _M.format("llama"), "Llama", False, False, None, False, False, False),
+        Family("mistral", _M.format("mistral"), "Mistral", False, False, "config", False, False, False),
+        Family("qwen2", _M.format("qwen2"), "Qwen2", False, False, "module", False, False, False),
+        Family("qwen3", _M.format("qwen3"), "Qwen3", False, True, "module", False, False, False),
+        Family("gemma", _M.format("gemma"), "Gemma", True, False, None, False, False, False),
+        Family("gemma2", _M.format("gemma2"), "Gemma2", True, False, "module", True, True, True),
+        Family("gemma3_text", _M.format("gemma3"), "Gemma3", True, True, "module", False, True, True),
     )
 }
 

@@ -8,6 +8,10 @@ calls the class's own forward. The facts of the model family are read from ``sel
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -29,7 +33,24 @@ from forge.models.projections import fused_projection
 # original does (anything else, e.g. paged attention, keeps the original forward).
 FUSED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 IGNORE_INDEX = -100
+# The KV cache's name: ``cache`` from transformers 5.2x on (``past_key_values`` still accepted, deprecated),
+# ``past_key_values`` before; the patched forwards pass either through as the caller named it.
+CACHE_KWARGS = ("cache", "past_key_values")
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 KEEP_GLU_OUTPUT = "_forge_keep_h"  # on a patched MLP: keep act(gate) * up from forward to backward
+_RECOMPUTING: ContextVar[bool] = ContextVar("forge_recomputing", default=False)
+
+
+@contextmanager
+def recomputation() -> Iterator[None]:
+    """Mark the forwards run inside as activation recomputation, whose decoder-layer outputs are thrown away
+    (only the graph they build and the tensors it saves reach the backward): a patched MLP whose output goes
+    straight into the residual add then skips computing it (the down projection, a quarter of the FLOPs)."""
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
 
 
 def keep_glu_output(module: torch.nn.Module) -> None:
@@ -65,7 +86,8 @@ def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     act = self._forge_activation
     projs = [fused_projection(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
     if all(isinstance(p, LoRAProj) for p in projs):
-        return lora_mlp(x, *projs, activation=act, keep_h=getattr(self, KEEP_GLU_OUTPUT, False))
+        output = not _RECOMPUTING.get() or self._forge_family.post_mlp_norm  # a norm's backward reads it
+        return lora_mlp(x, *projs, activation=act, keep_h=getattr(self, KEEP_GLU_OUTPUT, False), compute_output=output)
     return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), act))
 
 
@@ -74,21 +96,22 @@ def attention_forward(
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     attention_mask: torch.Tensor | None = None,
-    past_key_values=None,
     **kwargs,
 ):
-    """<Family>Attention.forward: fused LoRA QKV, RoPE kernel, transformers' attention, fused LoRA O."""
+    """<Family>Attention.forward: fused LoRA QKV, RoPE kernel, transformers' attention, fused LoRA O.
+    With a KV cache (generation), the original forward."""
     family = self._forge_family
     impl = attention_implementation(self.config)
-    if past_key_values is not None or impl not in FUSED_ATTENTION:
+    if any(kwargs.get(name) is not None for name in CACHE_KWARGS) or impl not in FUSED_ATTENTION:
         return type(self).forward(
             self,
             hidden_states=hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             **kwargs,
         )
+    for name in CACHE_KWARGS:
+        kwargs.pop(name, None)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -134,7 +157,6 @@ def causal_lm_forward(
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
-    past_key_values=None,
     inputs_embeds: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     use_cache: bool | None = None,
@@ -155,7 +177,6 @@ def causal_lm_forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
@@ -169,7 +190,6 @@ def causal_lm_forward(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
         inputs_embeds=inputs_embeds,
         use_cache=use_cache,
         **kwargs,
@@ -191,8 +211,8 @@ def causal_lm_forward(
     result = CausalLMOutputWithPast(
         loss=loss,
         logits=None,
-        past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
+        **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
     )
     return result if return_dict else result.to_tuple()

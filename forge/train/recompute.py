@@ -15,6 +15,7 @@ non-reentrant `torch.utils.checkpoint` for recomputed layers, `OffloadedRecomput
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ import torch
 import torch.utils.checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from forge.models.fused_forwards import keep_glu_output
+from forge.models.fused_forwards import keep_glu_output, recomputation
 from forge.models.projections import dequantized_bytes, keep_dequantized
 from forge.train.memory import free_memory_bytes
 
@@ -209,8 +210,13 @@ def apply_recompute(model: torch.nn.Module, plan: RecomputePlan) -> None:
             layer._gradient_checkpointing_func = (
                 offloaded_recompute
                 if plan.offload
-                else functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+                else functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, context_fn=_contexts)
             )
+
+
+def _contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """torch.utils.checkpoint's context_fn: nothing around the forward, `recomputation` around its rerun."""
+    return contextlib.nullcontext(), recomputation()
 
 
 class OffloadedRecompute(torch.autograd.Function):
@@ -252,7 +258,7 @@ class OffloadedRecompute(torch.autograd.Function):
         torch.cuda.set_rng_state(ctx.rng, ctx.device)
         torch.set_rng_state(ctx.cpu_rng)
         enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled), recomputation():
             out = ctx.run(hidden)
         torch.cuda.set_rng_state(rng_now, ctx.device)
         torch.set_rng_state(cpu_now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,9 @@ def test_peak_memory_stays_far_below_the_model_size(small_tokenizer_dir: Path, t
         capture_output=True,
         text=True,
         timeout=300,
+        # `python -c` puts the current folder on sys.path, where a checkout's top-level `kernels/` would shadow
+        # the PyPI package of that name that transformers (5.25 on) imports when it is installed
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
     )
     assert run.returncode == 0, run.stderr[-2000:]
     growth = json.loads(run.stdout.strip().splitlines()[-1])["growth"]

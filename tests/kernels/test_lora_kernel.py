@@ -136,6 +136,37 @@ def test_lora_mlp_keep_h_gives_the_same_values(nf4, down_adapter, backend):
     assert saved1.count((6, INTER)) == 3  # and h
 
 
+@pytest.mark.parametrize("keep_h", [False, True], ids=["recompute_h", "keep_h"])
+@pytest.mark.parametrize("down_adapter", [True, False], ids=["down_lora", "down_frozen"])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_lora_mlp_without_output_gives_the_same_gradients(nf4, down_adapter, keep_h, backend, monkeypatch):
+    """compute_output=False (a recomputation whose output is thrown away): zeros out, the down projection
+    never runs, and every gradient is the very same bf16 value as with the output computed."""
+    import forge.kernels.lora as lora
+
+    gate, up, down = (
+        _proj(o, i, nf4=nf4, dtype=torch.bfloat16, seed=130 + n, adapter=n < 2 or down_adapter)
+        for n, (o, i) in enumerate(MLP_SHAPES)
+    )
+    x = _x(torch.bfloat16)
+    inputs = [x, *_adapter_tensors(gate, up, down)]
+    forwards = []  # the input width of every projection group run in a forward: HIDDEN (gate/up) or INTER (down)
+    real = lora._shared_fwd
+    monkeypatch.setattr(lora, "_shared_fwd", lambda x2, *a: forwards.append(x2.shape[1]) or real(x2, *a))
+    dy = torch.randn(2, 3, HIDDEN, device=DEVICE).to(torch.bfloat16)
+    runs = []
+    for compute_output in (True, False):
+        forwards.clear()
+        y = lora_mlp(x, gate, up, down, "silu", keep_h=keep_h, compute_output=compute_output)
+        runs.append((y, torch.autograd.grad(y, inputs, dy), list(forwards)))
+    (y_full, g_full, f_full), (y_none, g_none, f_none) = runs
+    assert (f_full, f_none) == ([HIDDEN, INTER], [HIDDEN])
+    assert y_none.shape == y_full.shape and not y_none.any() and y_full.any()
+    for i, (a, b) in enumerate(zip(g_full, g_none, strict=True)):
+        assert torch.equal(a, b), f"gradient {i} differs without the output"
+
+
+
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 def test_lora_qkv(kc, nf4, backend):
     q = _proj(HIDDEN, HIDDEN, nf4=nf4, bias=True, seed=20)  # Qwen2 has q/k/v biases

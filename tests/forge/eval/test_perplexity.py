@@ -32,7 +32,9 @@ def test_the_f16_gguf_scores_like_the_hf_model(smollm2_report: EvalReport) -> No
 
 def test_quants_are_ordered_sensibly(smollm2_report: EvalReport) -> None:
     f16, q8, q4 = (smollm2_report.gguf(n).perplexity for n in ("f16", "q8_0", "q4_k_m"))
-    assert q8.perplexity / f16.perplexity - 1 == pytest.approx(0, abs=0.01)
+    # q8_0 passes the default gate (no more than 1% above f16) and stays near f16 either way: on these 156 scored
+    # tokens it came out 1.3% *below* f16 with an AVX2 build of llama.cpp (KL 0.005), within 1% with others
+    assert -0.03 < q8.perplexity / f16.perplexity - 1 < 0.01
     assert f16.perplexity < q4.perplexity < 1.10 * f16.perplexity
     assert q8.perplexity < q4.perplexity
     assert 0 < q8.kl < q4.kl < 0.5

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forge.kernels._device import use_triton
 from transformers import GPT2Config, LlamaForCausalLM
 
 from forge.models.loss import causal_lm_loss
@@ -35,6 +36,11 @@ TOL = 1e-5
 BATCH = tm.packed_batch(vocab=128, seq=16)
 # RMSNorm modules per family at 2 layers: 2 per layer + the final one, + q/k norms (Qwen3, Gemma3),
 # + the pre/post feed-forward norms (Gemma2, Gemma3).
+# On a CUDA machine the interpreter is off (conftest sets it only without CUDA), so CPU tensors take the PyTorch
+# paths: the tests that check the fused Functions on CPU skip there; test_patching_gpu.py covers CUDA.
+cpu_kernels = pytest.mark.skipif(
+    not use_triton(torch.empty(0)), reason="the fused path on CPU tensors needs TRITON_INTERPRET=1"
+)
 NORMS = {"llama": 5, "mistral": 5, "qwen2": 5, "qwen3": 9, "gemma": 5, "gemma2": 9, "gemma3_text": 13}
 # Adapter variations that the fused path supports, spread over the families.
 LORA_OPTIONS = {
@@ -57,6 +63,7 @@ def _assert_same(loss, grads, ref_loss, ref_grads):
     assert errors[worst] < TOL, f"{worst}: gradient error {errors[worst]:.3g}"
 
 
+@cpu_kernels
 @pytest.mark.parametrize("family", list(tm.FAMILIES))
 def test_patched_lora_model_matches_peft(family):
     model = tm.add_lora(tm.random_model(tm.tiny_config(family)), **LORA_OPTIONS.get(family, {}))
@@ -88,6 +95,7 @@ def _nf4_llama(folder):
     return model
 
 
+@cpu_kernels
 def test_qlora_4bit_llama_matches_peft(tmp_path):
     from forge.train.model import keep_4bit_trainable
 
@@ -175,6 +183,49 @@ def test_patched_model_trains_step_by_step_as_peft(kept):
         assert abs(got - ref) / ref < TOL, (losses[True], losses[False])
 
 
+RECOMPUTE_SETTINGS = [
+    pytest.param("full", "cpu", id="full"),
+    pytest.param(
+        "offload",
+        "cuda",
+        id="offload",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory)"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("setting", "device"), RECOMPUTE_SETTINGS)
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_recomputed_layers_give_the_same_gradients_without_the_thrown_away_mlp_output(
+    family, setting, device, monkeypatch
+):
+    """Every decoder layer recomputed in the backward (`full`: torch.utils.checkpoint; `offload`: inputs in
+    pinned memory): the same loss and gradients bit for bit as keeping the activations. Where the MLP's
+    output goes straight into the residual add (Llama) the recomputation skips the down projection; where a
+    norm reads it (Gemma3) it does not."""
+    import forge.kernels.lora as lora
+
+    from forge.train.recompute import apply_recompute, plan_for_model
+
+    widths = []  # the input width of every projection group the fused Functions run forward
+    real = lora._shared_fwd
+    monkeypatch.setattr(lora, "_shared_fwd", lambda x2, *a: widths.append(x2.shape[1]) or real(x2, *a))
+    config = tm.tiny_config(family)
+    runs = []
+    for plan in ("none", setting):
+        model = tm.add_lora(tm.random_model(config)).to(device)
+        patch_for_training(model, log=lambda _: None)
+        apply_recompute(model, plan_for_model(model, plan, 32, torch.device(device), 4))
+        widths.clear()
+        loss, grads = _loss_and_grads(model)
+        runs.append((loss, grads, widths.count(config.intermediate_size)))
+    (loss, grads, downs), (loss_r, grads_r, downs_r) = runs
+    assert (downs, downs_r) == (2, 2 if family == "llama" else 4)  # down projections run, 2 layers
+    assert torch.equal(loss, loss_r) and grads.keys() == grads_r.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grads_r[name], grad), name
+
+
 def test_unpatched_loss_is_next_token_cross_entropy_within_examples():
     model = tm.random_model(tm.tiny_config("llama"))
     mask = BATCH["attention_mask"]
@@ -226,6 +277,7 @@ def test_disabled_and_merged_adapters_fall_back_at_call_time():
         assert abs(causal_lm_loss(model, BATCH) - ref_merged) / ref_merged < TOL
 
 
+@cpu_kernels
 def test_full_finetune_keeps_projections_on_reference_and_fuses_the_rest():
     model = tm.random_model(tm.tiny_config("llama"))
     assert isinstance(model, LlamaForCausalLM)
