@@ -188,6 +188,13 @@ def _proj_out(x: torch.Tensor, p: LoRAProj, xa, bs, dtype: torch.dtype) -> torch
 
 def _shared_fwd(x: torch.Tensor, projs: Sequence[LoRAProj], adapters: Sequence[tuple], dtype: torch.dtype):
     """([y], _Saved) for the projections sharing x [T, in] (in dtype), adapters their (A, B) pairs."""
+    sv = _adapter_fwd(x, projs, adapters, dtype)
+    ys = [_proj_out(x, p, xai, bsi, dtype) for p, xai, bsi in zip(projs, sv.xa, sv.bs, strict=True)]
+    return ys, sv
+
+
+def _adapter_fwd(x: torch.Tensor | None, projs: Sequence[LoRAProj], adapters: Sequence[tuple], dtype: torch.dtype):
+    """_Saved for the projections sharing x: the adapters' compute copies (A, s B) and x A^T (None without x)."""
     bs = [
         None if B is None else compute_copy((B,), dtype, p.scaling) for p, (_, B) in zip(projs, adapters, strict=True)
     ]
@@ -195,13 +202,12 @@ def _shared_fwd(x: torch.Tensor, projs: Sequence[LoRAProj], adapters: Sequence[t
         ranks = [A.shape[0] for A, _ in adapters]
         a_cat = compute_copy([A for A, _ in adapters], dtype)  # the masters concatenated, then cast once
         a = list(a_cat.split(ranks))
-        xa = list((x @ a_cat.t()).split(ranks, dim=1))
+        xa = [None] * len(ranks) if x is None else list((x @ a_cat.t()).split(ranks, dim=1))
     else:
         a_cat = None
         a = [None if A is None else compute_copy((A,), dtype) for A, _ in adapters]
-        xa = [None if ai is None else x @ ai.t() for ai in a]
-    ys = [_proj_out(x, p, xai, bsi, dtype) for p, xai, bsi in zip(projs, xa, bs, strict=True)]
-    return ys, _Saved(xa, a, bs, a_cat)
+        xa = [None if ai is None or x is None else x @ ai.t() for ai in a]
+    return _Saved(xa, a, bs, a_cat)
 
 
 def _shared_bwd(
@@ -330,16 +336,13 @@ class LoRAMLPFunction(torch.autograd.Function):
             h = glu_forward(e, g, activation) if compute_output or keep_h else None
             if compute_output:
                 (y,), sd = _shared_fwd(h, (down,), adapters[2:], dtype)
-                a_d, bs_d, xa_d = sd.a[0], sd.bs[0], sd.xa[0]
             else:  # only what the backward reads: the down adapter's copies (and h A_d^T with keep_h)
-                a_d = None if dA is None else compute_copy((dA,), dtype)
-                bs_d = None if dB is None else compute_copy((dB,), dtype, down.scaling)
-                xa_d = None if h is None or a_d is None else h @ a_d.t()
+                sd = _adapter_fwd(h, (down,), adapters[2:], dtype)
                 y = x2.new_zeros(x2.shape[0], down.weight.shape[0])
         # keep_h: h and h A_d^T stay for the backward; else both are recomputed there from e and g
-        kept = (h, xa_d) if keep_h else (None, None)
+        kept = (h, sd.xa[0]) if keep_h else (None, None)
         del h
-        ctx.save_for_backward(x2, e, g, *sv.tensors(), a_d, bs_d, *kept)
+        ctx.save_for_backward(x2, e, g, *sv.tensors(), *sd.a, *sd.bs, *kept)
         ctx.projs, ctx.activation, ctx.dtype, ctx.x_meta = projs, activation, dtype, (x.shape, x.dtype)
         ctx.grad_dtypes = _grad_dtypes(adapters)
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -166,7 +166,6 @@ def test_lora_mlp_without_output_gives_the_same_gradients(nf4, down_adapter, kee
         assert torch.equal(a, b), f"gradient {i} differs without the output"
 
 
-
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 def test_lora_qkv(kc, nf4, backend):
     q = _proj(HIDDEN, HIDDEN, nf4=nf4, bias=True, seed=20)  # Qwen2 has q/k/v biases
