@@ -42,7 +42,7 @@ On CPU without Triton the same Functions run, with the PyTorch versions of those
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -327,12 +327,21 @@ class LoRAQKVFunction(torch.autograd.Function):
 
 class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gA, gB, uA, uB, dA, dB, projs, activation: str, dtype, keep_h: bool, compute_output: bool):
+    def forward(
+        ctx, x, gA, gB, uA, uB, dA, dB, projs, activation: str, dtype, keep_h: bool, compute_output: bool, up_io
+    ):
         gate, up, down = projs
         adapters = ((gA, gB), (uA, uB), (dA, dB))
+        given, sink = up_io
         with no_autocast(x.device):
             x2 = _flat(x, dtype)
-            (e, g), sv = _shared_fwd(x2, (gate, up), adapters[:2], dtype)
+            if given is None:
+                (e, g), sv = _shared_fwd(x2, (gate, up), adapters[:2], dtype)
+            else:  # the up projection's output from an earlier run of this forward: only the gate's GEMM
+                sv = _adapter_fwd(x2, (gate, up), adapters[:2], dtype)
+                e, g = _proj_out(x2, gate, sv.xa[0], sv.bs[0], dtype), given.view(x2.shape[0], -1)
+            if sink is not None:
+                sink(g)
             h = glu_forward(e, g, activation) if compute_output or keep_h else None
             if compute_output:
                 (y,), sd = _shared_fwd(h, (down,), adapters[2:], dtype)
@@ -368,7 +377,11 @@ class LoRAMLPFunction(torch.autograd.Function):
             del wd
             # h serves only the down adapter's gradients: recomputed when one needs it and it was not kept
             need_h = h is None and a_d is not None
-            recomputed, de, dg = glu_backward(dh, e, g, ctx.activation, h_into_dh=True, need_h=need_h)
+            # de and dg over e and g (read by nothing after this); a second backward through this graph then
+            # fails on the version check instead of reading them
+            recomputed, de, dg = glu_backward(dh, e, g, ctx.activation, h_into_dh=True, need_h=need_h, into_inputs=True)
+            for t in (e, g):
+                torch.autograd.graph.increment_version(t)
             h = recomputed if h is None else h
             del dh, recomputed
             grad_dA = grad_dB = None
@@ -392,7 +405,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             )
         if dx is not None:
             dx = dx.view(shape).to(xdtype)
-        return dx, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB, None, None, None, None, None
+        return dx, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB, None, None, None, None, None, None
 
 
 # -------------------------------------------------------------------------------------- reference
@@ -439,6 +452,8 @@ def lora_mlp(
     activation: str = "silu",
     keep_h: bool = False,
     compute_output: bool = True,
+    up_output: torch.Tensor | None = None,
+    on_up_output: Callable[[torch.Tensor], None] | None = None,
 ):
     """down(act(gate(x)) * up(x)) with LoRA on any of the three: x [..., hidden] -> [..., hidden].
 
@@ -448,6 +463,10 @@ def lora_mlp(
     compute_output: False returns zeros in place of the output and skips the down projection (and the GLU
     unless keep_h): for a recomputation whose output only carries the graph to the backward, which needs
     neither (the same gradients either way).
+    up_output: the up projection's output [..., intermediate] of an earlier forward of this same input (kept
+    aside, e.g. in host memory): the up GEMM is skipped and its values are used (exactly what it would give).
+    on_up_output: called with the up projection's output [T, intermediate] once it is computed (to keep it
+    aside for a later run; the callback must not write it).
     """
     _act_code(activation)
     for name, p in (("gate", gate), ("up", up), ("down", down)):
@@ -465,4 +484,5 @@ def lora_mlp(
         compute_dtype(x),
         keep_h,
         compute_output,
+        (up_output, on_up_output),
     )

@@ -42,7 +42,7 @@ NF4_CODE = (
     1.0,
 )
 
-BLOCK_BYTES = 1024  # packed bytes per program -> 2048 outputs; 4 warps
+ELEMENTS_PER_PROGRAM = 4096  # a program dequantizes this many elements (whole absmax blocks); 4 warps
 
 # ----------------------------------------------------------------------------------------- Triton
 
@@ -58,26 +58,29 @@ def _nf4_dequant_kernel(
     OUT,
     n_bytes,
     n,
+    n_blocks,
     BLOCKSIZE: tl.constexpr,
     BLOCKSIZE2: tl.constexpr,
     NESTED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # ROWS absmax blocks a program, one a row: each block's scale is computed once, and the row's
+    # BLOCKSIZE outputs (high nibble first, then low, byte by byte) are stored contiguously.
+    blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_range = blk < n_blocks
+    byte = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
     p = tl.load(PACKED + byte, mask=byte < n_bytes, other=0).to(tl.int32)
-    half = tl.arange(0, 2)[None, :]
-    nib = tl.where(half == 0, (p >> 4)[:, None], (p & 15)[:, None])  # [BLOCK, 2]: high nibble first
-    idx = 2 * byte[:, None] + half  # flat element index
-    mask = idx < n
-    v = tl.load(CODE + nib)
-    blk = idx // BLOCKSIZE
+    v = tl.interleave(tl.load(CODE + (p >> 4)), tl.load(CODE + (p & 15)))  # [ROWS, BLOCKSIZE]
     if NESTED:
-        q = tl.load(ABSMAX + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(CODE2 + q, mask=mask, other=0.0) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=mask, other=0.0)
+        q = tl.load(ABSMAX + blk, mask=in_range, other=0).to(tl.int32)
+        scale = tl.load(CODE2 + q, mask=in_range, other=0.0) * tl.load(
+            ABSMAX2 + blk // BLOCKSIZE2, mask=in_range, other=0.0
+        )
         scale = scale + tl.load(OFFSET)
     else:
-        scale = tl.load(ABSMAX + blk, mask=mask, other=0.0)
-    tl.store(OUT + idx, (v * scale).to(OUT.dtype.element_ty), mask=mask)
+        scale = tl.load(ABSMAX + blk, mask=in_range, other=0.0)
+    idx = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # flat element index
+    tl.store(OUT + idx, (v * scale[:, None]).to(OUT.dtype.element_ty), mask=idx < n)
 
 
 # ---------------------------------------------------------------------------------------- weights
@@ -188,7 +191,9 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     absmax2 = w.absmax2 if nested else w.absmax
     code2 = w.code2 if nested else w.code
     offset = w.offset if nested else w.code
-    _nf4_dequant_kernel[(triton.cdiv(n_bytes, BLOCK_BYTES),)](
+    n_blocks = triton.cdiv(n, w.blocksize)
+    rows = max(1, ELEMENTS_PER_PROGRAM // w.blocksize)
+    _nf4_dequant_kernel[(triton.cdiv(n_blocks, rows),)](
         packed,
         w.absmax,
         w.code,
@@ -198,10 +203,11 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
         out,
         n_bytes,
         n,
+        n_blocks,
         BLOCKSIZE=w.blocksize,
         BLOCKSIZE2=w.blocksize2,
         NESTED=nested,
-        BLOCK=BLOCK_BYTES,
+        ROWS=rows,
         num_warps=4,
     )
     return out

@@ -137,11 +137,14 @@ def glu_backward(
     activation: str = "silu",
     h_into_dh: bool = False,
     need_h: bool = True,
+    into_inputs: bool = False,
 ):
     """(h, d_gate, d_up) for h = act(gate) * up, without autograd.
 
     h_into_dh=True writes h over dh (which the caller owns and no longer needs): one buffer less.
     need_h=False: the caller kept h from the forward; h is neither recomputed nor written (None is returned).
+    into_inputs=True returns d_gate and d_up in gate's and up's buffers (contiguous ones; the caller owns both
+    and no longer needs them): two buffers less.
     """
     act = _act_code(activation)
     dh, gate, up = dh.contiguous(), gate.contiguous(), up.contiguous()
@@ -150,10 +153,11 @@ def glu_backward(
         f, df = _act_and_grad_torch(e, act)
         f_r = f.to(gate.dtype).float()
         h = (f_r * g).to(gate.dtype) if need_h else None
-        return h, (d * g * df).to(gate.dtype), (d * f_r).to(up.dtype)
+        de, dg = (d * g * df).to(gate.dtype), (d * f_r).to(up.dtype)
+        return (h, gate.copy_(de), up.copy_(dg)) if into_inputs else (h, de, dg)
     h = (dh if h_into_dh else torch.empty_like(gate)) if need_h else None
-    de = torch.empty_like(gate)
-    dg = torch.empty_like(up)
+    de = gate if into_inputs else torch.empty_like(gate)
+    dg = up if into_inputs else torch.empty_like(up)
     n = gate.numel()
     if n:
         _glu_bwd_kernel[(triton.cdiv(n, BLOCK),)](

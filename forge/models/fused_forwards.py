@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Protocol
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -39,6 +40,18 @@ CACHE_KWARGS = ("cache", "past_key_values")
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 KEEP_GLU_OUTPUT = "_forge_keep_h"  # on a patched MLP: keep act(gate) * up from forward to backward
 _RECOMPUTING: ContextVar[bool] = ContextVar("forge_recomputing", default=False)
+_UP_OUTPUTS: ContextVar[UpOutputStore | None] = ContextVar("forge_up_outputs", default=None)
+_MADE_POSITIONS: ContextVar[bool] = ContextVar("forge_made_positions", default=False)
+
+
+class UpOutputStore(Protocol):
+    """Where a decoder layer's MLP keeps its up projection's output from the forward for the recomputation."""
+
+    def put(self, up: torch.Tensor) -> None:
+        """Keep `up` (the first forward's; not to be written)."""
+
+    def take(self) -> torch.Tensor:
+        """The kept output, on the device, for the recomputation to use (and to write over)."""
 
 
 @contextmanager
@@ -51,6 +64,35 @@ def recomputation() -> Iterator[None]:
         yield
     finally:
         _RECOMPUTING.reset(token)
+
+
+@contextmanager
+def up_outputs(store: UpOutputStore) -> Iterator[None]:
+    """Within this block a patched MLP's forward gives its up projection's output to `store.put`, and its
+    recomputation (inside `recomputation()`) takes it back from `store.take` instead of computing it again."""
+    token = _UP_OUTPUTS.set(store)
+    try:
+        yield
+    finally:
+        _UP_OUTPUTS.reset(token)
+
+
+def skip_packed_sequence_check() -> None:
+    """Make transformers' packed-sequence check (``masking_utils.find_packed_sequence_indices``, one host
+    sync a forward) answer without the device when the patched loss forward knows the answer: a batch with
+    neither position ids nor an attention mask, where the base model numbers the positions 0..n-1 itself
+    (one sequence a row: not packed, the check's None). Every other call runs the check. Idempotent."""
+    import transformers.masking_utils as masking
+
+    check = getattr(masking, "find_packed_sequence_indices", None)
+    if check is None or getattr(check, "_forge_original", None) is not None:
+        return
+
+    def find_packed_sequence_indices(position_ids: torch.Tensor) -> torch.Tensor | None:
+        return None if _MADE_POSITIONS.get() else find_packed_sequence_indices._forge_original(position_ids)
+
+    find_packed_sequence_indices._forge_original = check
+    masking.find_packed_sequence_indices = find_packed_sequence_indices
 
 
 def keep_glu_output(module: torch.nn.Module) -> None:
@@ -86,8 +128,14 @@ def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     act = self._forge_activation
     projs = [fused_projection(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
     if all(isinstance(p, LoRAProj) for p in projs):
-        output = not _RECOMPUTING.get() or self._forge_family.post_mlp_norm  # a norm's backward reads it
-        return lora_mlp(x, *projs, activation=act, keep_h=getattr(self, KEEP_GLU_OUTPUT, False), compute_output=output)
+        recomputing, store = _RECOMPUTING.get(), _UP_OUTPUTS.get()
+        output = not recomputing or self._forge_family.post_mlp_norm  # a norm's backward reads it
+        given = store.take() if store is not None and recomputing else None
+        sink = store.put if store is not None and not recomputing else None
+        keep_h = getattr(self, KEEP_GLU_OUTPUT, False)
+        return lora_mlp(
+            x, *projs, activation=act, keep_h=keep_h, compute_output=output, up_output=given, on_up_output=sink
+        )
     return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), act))
 
 
@@ -186,14 +234,19 @@ def causal_lm_forward(
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    outputs = self.model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        inputs_embeds=inputs_embeds,
-        use_cache=use_cache,
-        **kwargs,
-    )
+    made = position_ids is None and attention_mask is None and all(kwargs.get(n) is None for n in CACHE_KWARGS)
+    token = _MADE_POSITIONS.set(made)
+    try:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+    finally:
+        _MADE_POSITIONS.reset(token)
     hidden = outputs.last_hidden_state
     ignore_index = kwargs.get("ignore_index", IGNORE_INDEX)
     targets = kwargs.get("shift_labels")

@@ -125,6 +125,7 @@ def _patch_module(report: PatchReport, config, family: Family, kinds: dict[type,
             report.keep_reference(name or "lm_head", f"loss: {reason}")
             return
         _bind(module, ff.causal_lm_forward, family)
+        ff.skip_packed_sequence_check()
         report.patched["cross_entropy"].append(name or type(module).__name__)
 
 

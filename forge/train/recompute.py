@@ -23,7 +23,7 @@ import torch
 import torch.utils.checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from forge.models.fused_forwards import keep_glu_output, recomputation
+from forge.models.fused_forwards import keep_glu_output, recomputation, up_outputs
 from forge.models.projections import dequantized_bytes, keep_dequantized
 from forge.train.memory import free_memory_bytes
 
@@ -36,7 +36,9 @@ class RecomputePlan:
     """The decision: `recompute` holds the decoder-layer indices recomputed in the backward; `offload` says
     their inputs live in pinned CPU memory. With ``auto`` and memory to spare once every layer keeps its
     activations: `dequantized` layers keep their 4-bit weights dequantized across steps and `glu_kept`
-    layers keep their MLP's GLU output for the backward (both instead of computing them again)."""
+    layers keep their MLP's GLU output for the backward (both instead of computing them again). Offloaded
+    `up_offloaded` layers send their MLP's up-projection output to pinned memory too (their recomputation
+    reads it instead of running that GEMM again)."""
 
     layers: int
     recompute: tuple[int, ...]
@@ -44,6 +46,7 @@ class RecomputePlan:
     reason: str
     dequantized: tuple[int, ...] = ()
     glu_kept: tuple[int, ...] = ()
+    up_offloaded: tuple[int, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -59,6 +62,8 @@ class RecomputePlan:
         what = f"recompute {len(self.recompute)} of {self.layers} layers"
         if self.offload:
             what += ", their inputs offloaded to pinned CPU memory"
+            if self.up_offloaded:
+                what += f" (and the MLP's up-projection output of {len(self.up_offloaded)})"
         spare = []
         if self.dequantized:
             spare.append(f"dequantized 4-bit weights of {len(self.dequantized)} layers")
@@ -144,7 +149,7 @@ def plan_recompute(
     if setting == "offload":
         if not can_offload:
             return RecomputePlan(layers, every, False, "offload needs a CUDA device; recomputing instead")
-        return RecomputePlan(layers, every, True, "train.gradient_checkpointing=offload")
+        return RecomputePlan(layers, every, True, "train.gradient_checkpointing=offload", up_offloaded=every)
     kept = layer_activation_bytes(config, tokens, act_bytes, fused)
     small = layer_input_bytes(config, tokens, act_bytes)
     fixed = step_workspace_bytes(config, tokens, act_bytes, trainable)
@@ -167,7 +172,7 @@ def plan_recompute(
         return RecomputePlan(layers, tuple(range(keep, layers)), False, why)
     if layers * small + kept <= budget or not can_offload:
         return RecomputePlan(layers, every, False, why)
-    return RecomputePlan(layers, every, True, why)
+    return RecomputePlan(layers, every, True, why, up_offloaded=every)
 
 
 def plan_for_model(
@@ -204,13 +209,15 @@ def apply_recompute(model: torch.nn.Module, plan: RecomputePlan) -> None:
         keep_dequantized(layers[index])
     for index in plan.glu_kept:
         keep_glu_output(layers[index])
+    up_kept, last = set(plan.up_offloaded), max(plan.recompute, default=-1)
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index in chosen
-        if index in chosen:
-            layer._gradient_checkpointing_func = (
-                offloaded_recompute
-                if plan.offload
-                else functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, context_fn=_contexts)
+        if index in chosen and plan.offload:
+            keep_up = ("device" if index == last else "host") if index in up_kept else ""
+            layer._gradient_checkpointing_func = functools.partial(offloaded_recompute, keep_up=keep_up)
+        elif index in chosen:
+            layer._gradient_checkpointing_func = functools.partial(
+                torch.utils.checkpoint.checkpoint, use_reentrant=False, context_fn=_contexts
             )
 
 
@@ -222,70 +229,115 @@ def _contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractC
 class OffloadedRecompute(torch.autograd.Function):
     """Run a layer without keeping its activations; keep only its input, copied to pinned CPU memory on a
     side stream (the copy overlaps the next layers' compute), and recompute the layer in the backward.
+    With `keep_up`, its MLP's up-projection output goes to pinned memory too (the last layer's stays on the
+    device: its backward comes next) and the recomputation reads it instead of running the up GEMM again.
 
-    The copy back is prefetched: a layer whose input is the previous offloaded layer's output links to it,
-    and its backward starts that layer's host-to-device copy on the side stream before recomputing itself,
-    so the copy overlaps this layer's recomputation and backward instead of stalling the compute stream.
+    The copies back are prefetched: a layer whose input is the previous offloaded layer's output links to it,
+    and its backward starts that layer's host-to-device copies on the side stream before recomputing itself,
+    so they overlap this layer's recomputation and backward instead of stalling the compute stream.
     No host sync anywhere: the streams wait for each other on the device. Gradients reach the layer's
     trainable parameters through the recomputed graph, as in any checkpointing; the RNG state is restored
     for the recomputation (dropout gives the same mask).
     """
 
     @staticmethod
-    def forward(ctx, run, hidden: torch.Tensor, previous):
+    def forward(ctx, run, hidden: torch.Tensor, previous, keep_up: str):
         ctx.run, ctx.device, ctx.previous = run, hidden.device, previous
         ctx.rng = torch.cuda.get_rng_state(hidden.device)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        with torch.no_grad():
+        ctx.up = UpOutputs(hidden.device, on_device=keep_up == "device") if keep_up else None
+        with torch.no_grad(), up_outputs(ctx.up) if ctx.up is not None else contextlib.nullcontext():
             out = run(hidden)
-        stream = _copy_stream(hidden.device)
-        stream.wait_stream(torch.cuda.current_stream(hidden.device))
-        ctx.host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-        with torch.cuda.stream(stream):
-            ctx.host.copy_(hidden, non_blocking=True)
-        hidden.record_stream(stream)  # the allocator must not reuse it before the copy is done
-        ctx.gpu = ctx.ready = None
+        ctx.input = HostCopy(hidden)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        hidden = _take_input(ctx)
-        if ctx.previous is not None:  # the layer before runs its backward next: bring its input now
+        hidden = ctx.input.take().requires_grad_(True)
+        ctx.input = None
+        if ctx.previous is not None:  # the layer before runs its backward next: bring its tensors now
             _prefetch(ctx.previous)
             ctx.previous = None
         rng_now, cpu_now = torch.cuda.get_rng_state(ctx.device), torch.get_rng_state()
         torch.cuda.set_rng_state(ctx.rng, ctx.device)
         torch.set_rng_state(ctx.cpu_rng)
         enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled), recomputation():
+        with (
+            torch.enable_grad(),
+            torch.autocast("cuda", dtype=dtype, enabled=enabled),
+            recomputation(),
+            up_outputs(ctx.up) if ctx.up is not None else contextlib.nullcontext(),
+        ):
             out = ctx.run(hidden)
+        ctx.up = None
         torch.cuda.set_rng_state(rng_now, ctx.device)
         torch.set_rng_state(cpu_now)
         torch.autograd.backward(out, grad_out)
-        return None, hidden.grad, None
+        return None, hidden.grad, None, None
 
 
 def _prefetch(ctx) -> None:
-    """Start copying an offloaded layer input back to the GPU on the side stream (once)."""
-    if ctx.gpu is not None or ctx.host is None:
-        return
-    stream = _copy_stream(ctx.device)
-    with torch.cuda.stream(stream):  # after the device-to-host copy, queued on the same stream
-        ctx.gpu = ctx.host.to(ctx.device, non_blocking=True)
-        ctx.ready = torch.cuda.Event()
-        ctx.ready.record(stream)
+    """Start copying an offloaded layer's input (and up-projection output) back to the GPU."""
+    ctx.input.prefetch()
+    if ctx.up is not None:
+        ctx.up.prefetch()
 
 
-def _take_input(ctx) -> torch.Tensor:
-    """The layer's input back on the GPU, for the compute stream, as a leaf that requires grad."""
-    _prefetch(ctx)
-    compute = torch.cuda.current_stream(ctx.device)
-    compute.wait_event(ctx.ready)
-    hidden = ctx.gpu
-    hidden.record_stream(compute)  # allocated on the side stream, used and freed on the compute stream
-    ctx.gpu = ctx.host = ctx.ready = None
-    return hidden.requires_grad_(True)
+class HostCopy:
+    """A device tensor copied to pinned CPU memory on the side stream, and back on demand, with no host sync."""
+
+    def __init__(self, tensor: torch.Tensor):
+        stream = _copy_stream(tensor.device)
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        self.device = tensor.device
+        self.host: torch.Tensor | None = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            self.host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(stream)  # the allocator must not reuse it before the copy is done
+        self.gpu: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+
+    def prefetch(self) -> None:
+        """Start the copy back to the GPU on the side stream (once), queued after the copy out."""
+        if self.gpu is not None or self.host is None:
+            return
+        stream = _copy_stream(self.device)
+        with torch.cuda.stream(stream):
+            self.gpu = self.host.to(self.device, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+    def take(self) -> torch.Tensor:
+        """The tensor back on the GPU, ready for the compute stream (once)."""
+        self.prefetch()
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(self.ready)
+        tensor, self.gpu, self.ready, self.host = self.gpu, None, None, None
+        tensor.record_stream(compute)  # allocated on the side stream, used and freed on the compute stream
+        return tensor
+
+
+class UpOutputs:
+    """An offloaded layer's `UpOutputStore`: the MLP's up-projection output in pinned CPU memory (a
+    `HostCopy`), or kept on the device as it is (`on_device`, for the layer whose backward comes first)."""
+
+    def __init__(self, device: torch.device, on_device: bool):
+        self.device, self.on_device = device, on_device
+        self.kept: torch.Tensor | HostCopy | None = None
+
+    def put(self, up: torch.Tensor) -> None:
+        self.kept = up if self.on_device else HostCopy(up)
+
+    def prefetch(self) -> None:
+        if isinstance(self.kept, HostCopy):
+            self.kept.prefetch()
+
+    def take(self) -> torch.Tensor:
+        kept, self.kept = self.kept, None
+        if kept is None:
+            raise RuntimeError("the recomputed MLP found no up-projection output from its forward")
+        return kept.take() if isinstance(kept, HostCopy) else kept
 
 
 _streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -297,14 +349,15 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     return _streams[device]
 
 
-def offloaded_recompute(run, hidden: torch.Tensor, *args):
-    """transformers' `_gradient_checkpointing_func` signature: run(hidden, *args) -> the layer's output."""
+def offloaded_recompute(run, hidden: torch.Tensor, *args, keep_up: str = ""):
+    """transformers' `_gradient_checkpointing_func` signature: run(hidden, *args) -> the layer's output.
+    keep_up: "host" or "device" keeps the MLP's up-projection output there for the recomputation, "" not."""
     if args:
         run = functools.partial(_with_args, run, args)
     previous = hidden.grad_fn if type(hidden.grad_fn) is OffloadedRecompute._backward_cls else None
     if not hidden.requires_grad:  # the first layer's input (frozen embeddings): its adapters still need grads
         hidden = hidden.detach().requires_grad_(True)
-    return OffloadedRecompute.apply(run, hidden, previous)
+    return OffloadedRecompute.apply(run, hidden, previous, keep_up)
 
 
 def _with_args(run, args, hidden):

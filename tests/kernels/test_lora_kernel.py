@@ -166,6 +166,49 @@ def test_lora_mlp_without_output_gives_the_same_gradients(nf4, down_adapter, kee
         assert torch.equal(a, b), f"gradient {i} differs without the output"
 
 
+@pytest.mark.parametrize("compute_output", [True, False], ids=["output", "no_output"])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_lora_mlp_with_the_up_output_of_an_earlier_forward(nf4, compute_output, backend, monkeypatch):
+    """on_up_output hands out the up projection's output; a later forward given it as up_output skips the
+    up GEMM (only gate's runs) and gives the very same output and gradients, its backward free to write it."""
+    import forge.kernels.lora as lora
+
+    gate, up, down = (_proj(o, i, nf4=nf4, dtype=torch.bfloat16, seed=150 + n) for n, (o, i) in enumerate(MLP_SHAPES))
+    x = _x(torch.bfloat16)
+    inputs = [x, *_adapter_tensors(gate, up, down)]
+    widths = []  # the output width of every frozen GEMM the forwards run
+    real = lora._proj_out
+    monkeypatch.setattr(lora, "_proj_out", lambda x2, p, *a: widths.append(p.weight.shape[0]) or real(x2, p, *a))
+    dy = torch.randn(2, 3, HIDDEN, device=DEVICE).to(torch.bfloat16)
+    kept = []
+    with torch.no_grad():
+        lora_mlp(x, gate, up, down, "silu", on_up_output=kept.append)
+    assert len(kept) == 1 and kept[0].shape == (6, INTER)
+    up_output = kept[0].clone()
+    runs = []
+    for given in (None, up_output):
+        widths.clear()
+        y = lora_mlp(x, gate, up, down, "silu", compute_output=compute_output, up_output=given)
+        runs.append((y, torch.autograd.grad(y, inputs, dy), list(widths)))
+    (y_ref, g_ref, w_ref), (y_up, g_up, w_up) = runs
+    down_gemm = [HIDDEN] if compute_output else []
+    assert (w_ref, w_up) == ([INTER, INTER, *down_gemm], [INTER, *down_gemm])
+    assert torch.equal(y_ref, y_up)
+    for i, (a, b) in enumerate(zip(g_ref, g_up, strict=True)):
+        assert torch.equal(a, b), f"gradient {i} differs with the given up output"
+
+
+def test_lora_mlp_backward_twice_fails_loudly(backend):
+    """The MLP's backward writes its gate/up gradients over the saved gate/up outputs: a second backward
+    through the same graph raises rather than reading them."""
+    gate, up, down = (_proj(o, i, dtype=torch.bfloat16, seed=160 + n) for n, (o, i) in enumerate(MLP_SHAPES))
+    x = _x(torch.bfloat16)
+    y = lora_mlp(x, gate, up, down, "silu")
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 def test_lora_qkv(kc, nf4, backend):
     q = _proj(HIDDEN, HIDDEN, nf4=nf4, bias=True, seed=20)  # Qwen2 has q/k/v biases

@@ -20,7 +20,7 @@ def _quantize(shape, dtype, blocksize, nested, quant_type="nf4", seed=0):
 @pytest.mark.parametrize("blocksize", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_nf4_matches_bitsandbytes(kc, nested, blocksize, dtype):
-    # 96 x 200 = 19200 elements: 300 blocks of 64 (2 double-quant blocks of 256, the last ragged), 10 programs
+    # 96 x 200 = 19200 elements: 300 blocks of 64 (2 double-quant blocks of 256, the last ragged), 5 programs
     packed, state = _quantize((96, 200), dtype, blocksize, nested)
     assert bool(state.nested) == nested
     expected = bnbf.dequantize_4bit(packed, state)

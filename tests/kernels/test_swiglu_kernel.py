@@ -60,3 +60,18 @@ def test_lora_entry_points(kc, activation, triton_on, monkeypatch):
     kc.assert_close(du, dur, kc.tol[torch.float32], "d_up")
     if triton_on:
         assert h.data_ptr() == buf.data_ptr()
+
+
+@pytest.mark.parametrize("triton_on", [True, False], ids=["triton", "torch"])
+def test_backward_into_its_inputs_gives_the_same_gradients(triton_on, monkeypatch):
+    """into_inputs: d_gate and d_up come back in gate's and up's buffers, the very values of a separate pair."""
+    if not triton_on:
+        monkeypatch.setenv("FORGE_KERNELS", "off")
+    torch.manual_seed(2)
+    gate, up, dh = (torch.randn(5, 300, device=DEVICE).to(torch.bfloat16) for _ in range(3))
+    h, dg, du = glu_backward(dh.clone(), gate, up, "silu")
+    gate_buf, up_buf = gate.clone(), up.clone()
+    h2, dg2, du2 = glu_backward(dh.clone(), gate_buf, up_buf, "silu", into_inputs=True)
+    assert torch.equal(h2, h) and torch.equal(dg2, dg) and torch.equal(du2, du)
+    assert (dg2.data_ptr(), du2.data_ptr()) == (gate_buf.data_ptr(), up_buf.data_ptr())
+    assert torch.equal(gate_buf, dg) and not torch.equal(gate_buf, gate)

@@ -202,28 +202,62 @@ def test_recomputed_layers_give_the_same_gradients_without_the_thrown_away_mlp_o
     """Every decoder layer recomputed in the backward (`full`: torch.utils.checkpoint; `offload`: inputs in
     pinned memory): the same loss and gradients bit for bit as keeping the activations. Where the MLP's
     output goes straight into the residual add (Llama) the recomputation skips the down projection; where a
-    norm reads it (Gemma3) it does not."""
+    norm reads it (Gemma3) it does not. With `offload` the recomputation also skips the up projection (its
+    output was kept in pinned memory)."""
     import forge.kernels.lora as lora
 
     from forge.train.recompute import apply_recompute, plan_for_model
 
-    widths = []  # the input width of every projection group the fused Functions run forward
-    real = lora._shared_fwd
-    monkeypatch.setattr(lora, "_shared_fwd", lambda x2, *a: widths.append(x2.shape[1]) or real(x2, *a))
+    inputs, outputs = [], []  # input widths of the projection groups run forward; output widths of frozen GEMMs
+    real, real_out = lora._shared_fwd, lora._proj_out
+    monkeypatch.setattr(lora, "_shared_fwd", lambda x2, *a: inputs.append(x2.shape[1]) or real(x2, *a))
+    monkeypatch.setattr(lora, "_proj_out", lambda x2, p, *a: outputs.append(p.weight.shape[0]) or real_out(x2, p, *a))
     config = tm.tiny_config(family)
     runs = []
     for plan in ("none", setting):
         model = tm.add_lora(tm.random_model(config)).to(device)
         patch_for_training(model, log=lambda _: None)
         apply_recompute(model, plan_for_model(model, plan, 32, torch.device(device), 4))
-        widths.clear()
+        inputs.clear(), outputs.clear()
         loss, grads = _loss_and_grads(model)
-        runs.append((loss, grads, widths.count(config.intermediate_size)))
-    (loss, grads, downs), (loss_r, grads_r, downs_r) = runs
+        runs.append((loss, grads, inputs.count(config.intermediate_size), outputs.count(config.intermediate_size)))
+    (loss, grads, downs, gate_ups), (loss_r, grads_r, downs_r, gate_ups_r) = runs
     assert (downs, downs_r) == (2, 2 if family == "llama" else 4)  # down projections run, 2 layers
+    assert (gate_ups, gate_ups_r) == (4, 6 if setting == "offload" else 8)  # gate and up GEMMs, 2 layers
     assert torch.equal(loss, loss_r) and grads.keys() == grads_r.keys()
     for name, grad in grads.items():
         assert torch.equal(grads_r[name], grad), name
+
+
+@cpu_kernels
+def test_only_batches_without_positions_or_mask_skip_the_packed_sequence_check(monkeypatch):
+    """transformers checks the position ids for packed sequences with a host sync every forward; the patched
+    loss forward answers it for batches without position ids and mask (the model numbers them 0..n-1) and
+    leaves it to transformers otherwise. The losses stay the unpatched model's either way."""
+    import transformers.masking_utils as masking
+
+    config = tm.tiny_config("llama")
+    config.use_cache = False  # as forge.train loads it (transformers skips the check when it makes a cache)
+    reference = tm.add_lora(tm.random_model(config))
+    model = tm.add_lora(tm.random_model(config))
+    model.load_state_dict(reference.state_dict())
+    patch_for_training(model, log=lambda _: None)
+    checks = []
+    real = masking.find_packed_sequence_indices._forge_original
+    monkeypatch.setattr(
+        masking.find_packed_sequence_indices, "_forge_original", lambda pos: checks.append(pos) or real(pos)
+    )
+    plain = {"input_ids": BATCH["input_ids"], "labels": BATCH["labels"]}
+    packed = {**plain, "position_ids": BATCH["position_ids"]}  # row 0 restarts its positions: two sequences
+    for batch, expected_checks in ((plain, 0), (packed, 1)):
+        checks.clear()
+        with torch.no_grad():
+            loss = model(**batch).loss
+            assert len(checks) == expected_checks
+            ref = reference(**batch).loss  # the unpatched model: transformers' check, every time
+            assert len(checks) == expected_checks + 1
+        assert abs(loss - ref) / ref < TOL, (float(loss), float(ref))
+    assert real(checks[0]) is not None  # the packed batch was seen as packed
 
 
 def test_unpatched_loss_is_next_token_cross_entropy_within_examples():

@@ -91,7 +91,8 @@ def test_auto_recomputes_only_the_layers_that_do_not_fit():
 def test_auto_offloads_when_even_full_recomputation_does_not_fit():
     assert plan("auto", 4096, free=3.5 * GIB).mode == "full"
     p = plan("auto", 65536, free=12 * GIB)
-    assert (p.mode, p.offload, len(p.recompute)) == ("offload", True, 32)
+    assert (p.mode, p.offload, len(p.recompute), p.up_offloaded) == ("offload", True, 32, tuple(range(32)))
+    assert "(and the MLP's up-projection output of 32)" in p.line()
     assert plan("auto", 65536, free=12 * GIB, can_offload=False).mode == "full"
 
 
@@ -99,7 +100,8 @@ def test_explicit_settings_and_offload_without_a_gpu():
     assert plan("none", 10**6, free=GIB).recompute == ()
     assert len(plan("full", 16, free=80 * GIB).recompute) == 32
     p = plan("offload", 16, free=80 * GIB, can_offload=False)
-    assert (p.mode, p.offload) == ("full", False) and "needs a CUDA device" in p.reason
+    assert (p.mode, p.offload, p.up_offloaded) == ("full", False, ()) and "needs a CUDA device" in p.reason
+    assert plan("offload", 16, free=80 * GIB).up_offloaded == tuple(range(32))
     with pytest.raises(ValueError, match="train.gradient_checkpointing: 'sometimes'"):
         plan("sometimes", 16, free=GIB)
 
