@@ -16,6 +16,7 @@ non-reentrant `torch.utils.checkpoint` for recomputed layers, `OffloadedRecomput
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -25,9 +26,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from forge.models.fused_forwards import keep_glu_output, recomputation, up_outputs
 from forge.models.projections import dequantized_bytes, keep_dequantized
+from forge.train.link import LinkSpeed, measure_link
 from forge.train.memory import free_memory_bytes
 
 HEADROOM = 0.9  # share of the free memory the plan may fill (the rest absorbs allocator fragmentation)
+# The up-projection outputs' copies to pinned memory may take this much longer than the forward's GEMMs
+# (they run on into the loss and the first layers' backward, which need the copies of the last layers only).
+COPY_SLACK = 1.2
 MODES = ("auto", "none", "full", "offload")
 
 
@@ -175,19 +180,35 @@ def plan_recompute(
     return RecomputePlan(layers, every, True, why, up_offloaded=every)
 
 
+def up_offload_layers(config, tokens: int, act_bytes: int, link: LinkSpeed) -> tuple[int, ...]:
+    """The offloaded layers that also send their MLP's up-projection output to pinned memory: as many of the
+    first layers as the link carries during the forward (a layer's GEMM time at the measured matmul rate,
+    times COPY_SLACK, less its input's copy), and the last layer, which keeps the output on the device."""
+    hidden, q, kv, inter, layers = _dims(config)
+    forward_s = 2 * tokens * (hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter) / link.matmul_flops_per_s
+    input_s = layer_input_bytes(config, tokens, act_bytes) / link.copy_bytes_per_s
+    up_s = glu_output_bytes(config, tokens, act_bytes) / link.copy_bytes_per_s
+    first = min(layers - 1, max(0, int(layers * (COPY_SLACK * forward_s - input_s) // up_s)))
+    return (*range(first), layers - 1)
+
+
 def plan_for_model(
     model: torch.nn.Module, setting: str, tokens: int, device: torch.device, act_bytes: int
 ) -> RecomputePlan:
-    """`plan_recompute` for a loaded (PEFT-wrapped, maybe patched) model on `device`, with the memory free now."""
+    """`plan_recompute` for a loaded (PEFT-wrapped, maybe patched) model on `device`, with the memory free now;
+    an offloading plan's up-projection outputs by this GPU's link (`measure_link`, `up_offload_layers`)."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     fused = any(getattr(m, "_forge_family", None) is not None for m in hf.modules())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     free = free_memory_bytes(device)
     layers = decoder_layers(model)
     dense = max((dequantized_bytes(layer, act_bytes) for layer in layers), default=0) if fused else 0
-    return plan_recompute(
-        setting, hf.config, tokens, act_bytes, trainable, free, fused, device.type == "cuda", dense
-    )
+    plan = plan_recompute(setting, hf.config, tokens, act_bytes, trainable, free, fused, device.type == "cuda", dense)
+    if not (plan.offload and fused):
+        return dataclasses.replace(plan, up_offloaded=())
+    link = measure_link(device)
+    ups = up_offload_layers(hf.config, tokens, act_bytes, link)
+    return dataclasses.replace(plan, up_offloaded=ups, reason=f"{plan.reason}; {link.line()}")
 
 
 def decoder_layers(model: torch.nn.Module) -> list[GradientCheckpointingLayer]:

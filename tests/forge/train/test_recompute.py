@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from forge.models.fused_forwards import KEEP_GLU_OUTPUT
 from forge.models.patching import patch_for_training
 from forge.models.projections import DENSE_CACHE, four_bit_linears
+from forge.train.link import LinkSpeed
 from forge.train.memory import free_memory_bytes
 from forge.train.recompute import (
     HEADROOM,
@@ -23,6 +24,7 @@ from forge.train.recompute import (
     plan_for_model,
     plan_recompute,
     step_workspace_bytes,
+    up_offload_layers,
 )
 
 # Llama-3.1-8B's shape: the numbers a user of an 80 GB card sees.
@@ -104,6 +106,18 @@ def test_explicit_settings_and_offload_without_a_gpu():
     assert plan("offload", 16, free=80 * GIB).up_offloaded == tuple(range(32))
     with pytest.raises(ValueError, match="train.gradient_checkpointing: 'sometimes'"):
         plan("sometimes", 16, free=GIB)
+
+
+def test_up_outputs_go_to_pinned_memory_as_far_as_the_link_keeps_pace():
+    """H100 (2026-12-06): 55 GB/s and ~750 TFLOP/s carry every layer's 117 MiB at 2 x 2048 within the
+    forward; a link half as fast carries the first layers' only, a slow one none: the last layer keeps its
+    output on the device in every case (no copy)."""
+    h100 = up_offload_layers(LLAMA_8B, 4096, 2, LinkSpeed(55e9, 750e12))
+    assert h100 == tuple(range(32))
+    pcie4 = up_offload_layers(LLAMA_8B, 4096, 2, LinkSpeed(25e9, 750e12))
+    assert 4 < len(pcie4) < 20 and pcie4 == (*range(len(pcie4) - 1), 31)
+    assert up_offload_layers(LLAMA_8B, 4096, 2, LinkSpeed(1e9, 750e12)) == (31,)
+    assert up_offload_layers(LLAMA_8B, 4096, 2, LinkSpeed(25e9, 200e12)) == tuple(range(32))  # slower GEMMs
 
 
 def test_unknown_free_memory_keeps_everything():
@@ -198,6 +212,17 @@ def test_what_spare_memory_keeps_changes_no_gradient(tiny_llama_dir, nf4_base, f
         caches = [[getattr(m, DENSE_CACHE, None) for m in four_bit_linears(layer)] for layer in layers]
         assert len(caches[0]) == 7 and all(c is not None and len(c) == 1 for c in caches[0])
         assert caches[1] == [None] * 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, copy stream)")
+def test_an_offloading_plan_measures_the_link_for_the_up_outputs(tiny_llama_dir):
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir).to("cuda"), LoraConfig(r=4, target_modules="all-linear")
+    )
+    patch_for_training(model, log=lambda _: None)
+    p = plan_for_model(model, "offload", 64, torch.device("cuda"), 2)
+    assert p.offload and p.up_offloaded[-1] == 1 and "GB/s" in p.reason and "TFLOP/s" in p.reason
+    assert plan_for_model(model, "full", 64, torch.device("cuda"), 2).up_offloaded == ()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, copy stream)")
