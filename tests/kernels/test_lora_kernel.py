@@ -57,6 +57,22 @@ def _x(dtype, seed=1):
     return torch.randn(2, 3, HIDDEN, device=DEVICE).to(dtype).requires_grad_()
 
 
+def _mlp_runs(projs, inputs, dy, calls, *variants):
+    """For each variant's keyword arguments: lora_mlp's output (x = inputs[0]), the gradients of `inputs` for
+    the output gradient dy, and what `calls` recorded during both (cleared before each)."""
+    runs = []
+    for kwargs in variants:
+        calls.clear()
+        y = lora_mlp(inputs[0], *projs, "silu", **kwargs)
+        runs.append((y, torch.autograd.grad(y, inputs, dy), list(calls)))
+    return runs
+
+
+def _assert_equal_gradients(grads, others, how):
+    for i, (a, b) in enumerate(zip(grads, others, strict=True)):
+        assert torch.equal(a, b), f"gradient {i} differs {how}"
+
+
 def _check(kc, out, ref, inputs, tol):
     outs = out if isinstance(out, tuple) else (out,)
     refs = ref if isinstance(ref, tuple) else (ref,)
@@ -154,16 +170,12 @@ def test_lora_mlp_without_output_gives_the_same_gradients(nf4, down_adapter, kee
     real = lora._shared_fwd
     monkeypatch.setattr(lora, "_shared_fwd", lambda x2, *a: forwards.append(x2.shape[1]) or real(x2, *a))
     dy = torch.randn(2, 3, HIDDEN, device=DEVICE).to(torch.bfloat16)
-    runs = []
-    for compute_output in (True, False):
-        forwards.clear()
-        y = lora_mlp(x, gate, up, down, "silu", keep_h=keep_h, compute_output=compute_output)
-        runs.append((y, torch.autograd.grad(y, inputs, dy), list(forwards)))
-    (y_full, g_full, f_full), (y_none, g_none, f_none) = runs
+    (y_full, g_full, f_full), (y_none, g_none, f_none) = _mlp_runs(
+        (gate, up, down), inputs, dy, forwards, dict(keep_h=keep_h), dict(keep_h=keep_h, compute_output=False)
+    )
     assert (f_full, f_none) == ([HIDDEN, INTER], [HIDDEN])
     assert y_none.shape == y_full.shape and not y_none.any() and y_full.any()
-    for i, (a, b) in enumerate(zip(g_full, g_none, strict=True)):
-        assert torch.equal(a, b), f"gradient {i} differs without the output"
+    _assert_equal_gradients(g_full, g_none, "without the output")
 
 
 @pytest.mark.parametrize("compute_output", [True, False], ids=["output", "no_output"])
@@ -185,17 +197,12 @@ def test_lora_mlp_with_the_up_output_of_an_earlier_forward(nf4, compute_output, 
         lora_mlp(x, gate, up, down, "silu", on_up_output=kept.append)
     assert len(kept) == 1 and kept[0].shape == (6, INTER)
     up_output = kept[0].clone()
-    runs = []
-    for given in (None, up_output):
-        widths.clear()
-        y = lora_mlp(x, gate, up, down, "silu", compute_output=compute_output, up_output=given)
-        runs.append((y, torch.autograd.grad(y, inputs, dy), list(widths)))
-    (y_ref, g_ref, w_ref), (y_up, g_up, w_up) = runs
+    plain, given = dict(compute_output=compute_output), dict(compute_output=compute_output, up_output=up_output)
+    (y_ref, g_ref, w_ref), (y_up, g_up, w_up) = _mlp_runs((gate, up, down), inputs, dy, widths, plain, given)
     down_gemm = [HIDDEN] if compute_output else []
     assert (w_ref, w_up) == ([INTER, INTER, *down_gemm], [INTER, *down_gemm])
     assert torch.equal(y_ref, y_up)
-    for i, (a, b) in enumerate(zip(g_ref, g_up, strict=True)):
-        assert torch.equal(a, b), f"gradient {i} differs with the given up output"
+    _assert_equal_gradients(g_ref, g_up, "with the given up output")
 
 
 def test_lora_mlp_backward_twice_fails_loudly(backend):
