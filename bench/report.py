@@ -4,8 +4,9 @@
     grep RESULT log | python bench/report.py --tag-shape llama8b   # RESULT lines -> jsonl rows with the shape
 
 A row: system (forge = memory-matched, forge-auto, unsloth, liger, hf), bits, shape, bs, seq, tokens_per_s,
-peak_gib, loss after the timed steps, and what the run recorded of versions and device. The table gives
-each row's speed and memory against Unsloth's row of the same shape, bits and sequence length; rows from
+peak_gib (CUDA's peak allocation: the memory compared), reserved_gib when the run recorded it (what the
+caching allocator held at most), loss after the timed steps, and what the run recorded of versions and device.
+The table gives each row's speed and memory against Unsloth's row of the same shape, bits and sequence length; rows from
 `bench/longest.py` (with `longest_within_gib`) make a second table: the longest sequence at batch 1 within the cap.
 """
 
@@ -40,8 +41,8 @@ def label(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown: one line per run, grouped by shape, sequence length and bits, ratios against Unsloth."""
-    head = "| shape | bits | bs x seq | system | tokens/s | peak GiB | vs Unsloth speed | vs Unsloth memory | loss |\n"
-    head += "|---|---|---|---|---|---|---|---|---|\n"
+    head = "| shape | bits | bs x seq | system | tokens/s | peak GiB | reserved GiB | vs Unsloth speed "
+    head += "| vs Unsloth memory | loss |\n|---|---|---|---|---|---|---|---|---|---|\n"
 
     def key(row: dict) -> tuple:
         system = row["system"]
@@ -53,9 +54,11 @@ def table(rows: list[dict]) -> str:
         ref = next((r for r in rows if r["system"] == "unsloth" and (r["shape"], r["bits"], r["seq"]) == same), None)
         speed = f"{row['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else ""
         memory = f"{row['peak_gib'] / ref['peak_gib']:.2f}x" if ref else ""
+        reserved = f"{row['reserved_gib']:.1f}" if row.get("reserved_gib") is not None else ""
         lines.append(
             f"| {row['shape']} | {row['bits']} | {row['bs']} x {row['seq']} | {label(row)} "
-            f"| {row['tokens_per_s']:,.0f} | {row['peak_gib']:.1f} | {speed} | {memory} | {row['loss']:.4f} |"
+            f"| {row['tokens_per_s']:,.0f} | {row['peak_gib']:.1f} | {reserved} | {speed} | {memory} "
+            f"| {row['loss']:.4f} |"
         )
     return head + "\n".join(lines) + "\n"
 

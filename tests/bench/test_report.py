@@ -24,11 +24,13 @@ def report(tmp_path: Path, rows: list[dict]) -> str:
 def test_report_writes_the_results_file_and_a_table_against_unsloth(tmp_path):
     rows = [
         {"system": "unsloth", "bits": 16, "bs": 2, "seq": 2048, "tokens_per_s": 10000.0, "peak_gib": 16.0},
-        {"system": "forge", "bits": 16, "bs": 2, "seq": 2048, "tokens_per_s": 12500.0, "peak_gib": 15.0},
+        {"system": "forge", "bits": 16, "bs": 2, "seq": 2048, "tokens_per_s": 12500.0, "peak_gib": 15.0,
+         "reserved_gib": 21.96},
     ]
     common = {"last_loss": 11.9, "gpu": "NVIDIA H100 80GB HBM3", "shape": "llama8b"}
     out = report(tmp_path, [{**row, **common} for row in rows])
-    assert "| llama8b | 16 | 2 x 2048 | forge | 12,500 | 15.0 | 1.25x | 0.94x | 11.9000 |" in out
+    assert "| llama8b | 16 | 2 x 2048 | forge | 12,500 | 15.0 | 22.0 | 1.25x | 0.94x | 11.9000 |" in out
+    assert "| llama8b | 16 | 2 x 2048 | unsloth | 10,000 | 16.0 |  | 1.00x | 1.00x | 11.9000 |" in out
     written = list((tmp_path / "out").glob("*-nvidia-h100-80gb-hbm3.json"))
     assert len(written) == 1 and [r["system"] for r in json.loads(written[0].read_text())] == ["unsloth", "forge"]
 
