@@ -328,11 +328,10 @@ class LoRAQKVFunction(torch.autograd.Function):
 class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x, gA, gB, uA, uB, dA, dB, projs, activation: str, dtype, keep_h: bool, compute_output: bool, up_io
+        ctx, x, gA, gB, uA, uB, dA, dB, projs, activation: str, dtype, keep_h: bool, compute_output: bool, given, sink
     ):
         gate, up, down = projs
         adapters = ((gA, gB), (uA, uB), (dA, dB))
-        given, sink = up_io
         with no_autocast(x.device):
             x2 = _flat(x, dtype)
             if given is None:
@@ -405,7 +404,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             )
         if dx is not None:
             dx = dx.view(shape).to(xdtype)
-        return dx, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB, None, None, None, None, None, None
+        return dx, grad_gA, grad_gB, grad_uA, grad_uB, grad_dA, grad_dB, None, None, None, None, None, None, None
 
 
 # -------------------------------------------------------------------------------------- reference
@@ -484,5 +483,6 @@ def lora_mlp(
         compute_dtype(x),
         keep_h,
         compute_output,
-        (up_output, on_up_output),
+        up_output,
+        on_up_output,
     )

@@ -67,9 +67,10 @@ def recomputation() -> Iterator[None]:
 
 
 @contextmanager
-def up_outputs(store: UpOutputStore) -> Iterator[None]:
+def up_outputs(store: UpOutputStore | None) -> Iterator[None]:
     """Within this block a patched MLP's forward gives its up projection's output to `store.put`, and its
-    recomputation (inside `recomputation()`) takes it back from `store.take` instead of computing it again."""
+    recomputation (inside `recomputation()`) takes it back from `store.take` instead of computing it again.
+    None: neither (the MLP computes its up projection every time)."""
     token = _UP_OUTPUTS.set(store)
     try:
         yield

@@ -268,7 +268,7 @@ class OffloadedRecompute(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         ctx.up = UpOutputs(hidden.device, on_device=keep_up == "device") if keep_up else None
-        with torch.no_grad(), up_outputs(ctx.up) if ctx.up is not None else contextlib.nullcontext():
+        with torch.no_grad(), up_outputs(ctx.up):
             out = run(hidden)
         ctx.input = HostCopy(hidden)
         return out
@@ -288,7 +288,7 @@ class OffloadedRecompute(torch.autograd.Function):
             torch.enable_grad(),
             torch.autocast("cuda", dtype=dtype, enabled=enabled),
             recomputation(),
-            up_outputs(ctx.up) if ctx.up is not None else contextlib.nullcontext(),
+            up_outputs(ctx.up),
         ):
             out = ctx.run(hidden)
         ctx.up = None

@@ -24,8 +24,15 @@ def report(tmp_path: Path, rows: list[dict]) -> str:
 def test_report_writes_the_results_file_and_a_table_against_unsloth(tmp_path):
     rows = [
         {"system": "unsloth", "bits": 16, "bs": 2, "seq": 2048, "tokens_per_s": 10000.0, "peak_gib": 16.0},
-        {"system": "forge", "bits": 16, "bs": 2, "seq": 2048, "tokens_per_s": 12500.0, "peak_gib": 15.0,
-         "reserved_gib": 21.96},
+        {
+            "system": "forge",
+            "bits": 16,
+            "bs": 2,
+            "seq": 2048,
+            "tokens_per_s": 12500.0,
+            "peak_gib": 15.0,
+            "reserved_gib": 21.96,
+        },
     ]
     common = {"last_loss": 11.9, "gpu": "NVIDIA H100 80GB HBM3", "shape": "llama8b"}
     out = report(tmp_path, [{**row, **common} for row in rows])
@@ -39,10 +46,27 @@ def test_report_puts_longest_rows_in_their_own_table(tmp_path):
     common = {"bs": 1, "last_loss": 12.5, "gpu": "NVIDIA H100 80GB HBM3", "shape": "llama8b", "bits": 16}
     rows = [
         {**common, "system": "unsloth", "seq": 2048, "bs": 2, "tokens_per_s": 10000.0, "peak_gib": 16.7},
-        {**common, "system": "unsloth", "seq": 34816, "tokens_per_s": 8000.0, "peak_gib": 23.6,
-         "longest_within_gib": 24.0, "first_failed_seq": 35840, "tries": 5},
-        {**common, "system": "forge-auto", "checkpointing": "offload", "seq": 40960, "tokens_per_s": 9000.0,
-         "peak_gib": 23.1, "longest_within_gib": 24.0, "first_failed_seq": None, "tries": 3},
+        {
+            **common,
+            "system": "unsloth",
+            "seq": 34816,
+            "tokens_per_s": 8000.0,
+            "peak_gib": 23.6,
+            "longest_within_gib": 24.0,
+            "first_failed_seq": 35840,
+            "tries": 5,
+        },
+        {
+            **common,
+            "system": "forge-auto",
+            "checkpointing": "offload",
+            "seq": 40960,
+            "tokens_per_s": 9000.0,
+            "peak_gib": 23.1,
+            "longest_within_gib": 24.0,
+            "first_failed_seq": None,
+            "tries": 3,
+        },
     ]
     out = report(tmp_path, rows)
     throughput, _, longest_part = out.partition("Longest sequence at batch 1 within 24 GiB")
