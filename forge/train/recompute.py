@@ -15,6 +15,7 @@ non-reentrant `torch.utils.checkpoint` for recomputed layers, `OffloadedRecomput
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -234,8 +235,9 @@ def apply_recompute(model: torch.nn.Module, plan: RecomputePlan) -> None:
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index in chosen
         if index in chosen and plan.offload:
-            keep_up = ("device" if index == last else "host") if index in up_kept else ""
-            layer._gradient_checkpointing_func = functools.partial(offloaded_recompute, keep_up=keep_up)
+            layer._gradient_checkpointing_func = functools.partial(
+                offloaded_recompute, keep_up=index in up_kept, first_back=index == last
+            )
         elif index in chosen:
             layer._gradient_checkpointing_func = functools.partial(
                 torch.utils.checkpoint.checkpoint, use_reentrant=False, context_fn=_contexts
@@ -250,32 +252,35 @@ def _contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractC
 class OffloadedRecompute(torch.autograd.Function):
     """Run a layer without keeping its activations; keep only its input, copied to pinned CPU memory on a
     side stream (the copy overlaps the next layers' compute), and recompute the layer in the backward.
-    With `keep_up`, its MLP's up-projection output goes to pinned memory too (the last layer's stays on the
-    device: its backward comes next) and the recomputation reads it instead of running the up GEMM again.
+    With `keep_up`, its MLP's up-projection output goes to pinned memory too, and the recomputation reads
+    it instead of running the up GEMM again. The `first_back` layer (the last offloaded one: its backward
+    comes first) keeps both on the device instead.
 
     The copies back are prefetched: a layer whose input is the previous offloaded layer's output links to it,
     and its backward starts that layer's host-to-device copies on the side stream before recomputing itself,
     so they overlap this layer's recomputation and backward instead of stalling the compute stream.
-    No host sync anywhere: the streams wait for each other on the device. Gradients reach the layer's
-    trainable parameters through the recomputed graph, as in any checkpointing; the RNG state is restored
-    for the recomputation (dropout gives the same mask).
+    No host sync anywhere: the streams wait for each other on the device (`HostCopy`). Gradients reach the
+    layer's trainable parameters through the recomputed graph, as in any checkpointing; the RNG state is
+    restored for the recomputation (dropout gives the same mask).
     """
 
     @staticmethod
-    def forward(ctx, run, hidden: torch.Tensor, previous, keep_up: str):
+    def forward(ctx, run, hidden: torch.Tensor, previous, keep_up: bool, first_back: bool):
         ctx.run, ctx.device, ctx.previous = run, hidden.device, previous
         ctx.rng = torch.cuda.get_rng_state(hidden.device)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        ctx.up = UpOutputs(hidden.device, on_device=keep_up == "device") if keep_up else None
+        ctx.up = UpOutputs(on_device=first_back) if keep_up else None
+        _copies_in_flight(hidden.device).next_layer()
         with torch.no_grad(), up_outputs(ctx.up):
             out = run(hidden)
-        ctx.input = HostCopy(hidden)
+        ctx.input = hidden.detach() if first_back else HostCopy(hidden)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        hidden = ctx.input.take().requires_grad_(True)
+        _copies_in_flight(ctx.device).release_all()  # the forward's copies out are done before any copy back
+        hidden = _take(ctx.input).requires_grad_(True)
         ctx.input = None
         if ctx.previous is not None:  # the layer before runs its backward next: bring its tensors now
             _prefetch(ctx.previous)
@@ -295,18 +300,69 @@ class OffloadedRecompute(torch.autograd.Function):
         torch.cuda.set_rng_state(rng_now, ctx.device)
         torch.set_rng_state(cpu_now)
         torch.autograd.backward(out, grad_out)
-        return None, hidden.grad, None, None
+        return None, hidden.grad, None, None, None
 
 
 def _prefetch(ctx) -> None:
     """Start copying an offloaded layer's input (and up-projection output) back to the GPU."""
-    ctx.input.prefetch()
+    if isinstance(ctx.input, HostCopy):
+        ctx.input.prefetch()
     if ctx.up is not None:
         ctx.up.prefetch()
 
 
+def _take(kept: torch.Tensor | HostCopy) -> torch.Tensor:
+    return kept.take() if isinstance(kept, HostCopy) else kept
+
+
+# Layers whose forward copies to pinned memory may still run while a layer's forward starts. Each copy's
+# source stays referenced until then (`CopiesInFlight`); 3 is more than the copies lag behind the forward
+# on an H100 (55 GB/s), so the compute stream does not wait for them.
+HELD_LAYERS = 3
+
+
+class CopiesInFlight:
+    """The device tensors of one GPU being copied to pinned memory in the forward, by layer.
+
+    A source is freed only after the compute stream waits for the end of its copy: `HELD_LAYERS` layers
+    later, or when the backward starts. Its memory is then reusable at once, and counts in the peak
+    allocation while it is held. (`record_stream` instead would free it on the host at once but keep its
+    block from reuse until the GPU passed the copy; the host runs tens of ms ahead of the GPU, so the
+    allocator would map new memory meanwhile: reserved memory that no peak-allocation figure shows.)
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.layers: collections.deque[list[tuple[torch.Tensor, torch.cuda.Event]]] = collections.deque([[]])
+
+    def next_layer(self) -> None:
+        """A layer's forward starts: release the copies of the layer HELD_LAYERS before it."""
+        self.layers.append([])
+        while len(self.layers) > HELD_LAYERS:
+            self._release(self.layers.popleft())
+
+    def hold(self, source: torch.Tensor, copied: torch.cuda.Event) -> None:
+        self.layers[-1].append((source, copied))
+
+    def release_all(self) -> None:
+        while self.layers:
+            self._release(self.layers.popleft())
+        self.layers.append([])
+
+    def _release(self, layer: list[tuple[torch.Tensor, torch.cuda.Event]]) -> None:
+        if layer:  # the copy stream runs in order: the layer's last copy ends after the others
+            torch.cuda.current_stream(self.device).wait_event(layer[-1][1])
+        layer.clear()
+
+
 class HostCopy:
-    """A device tensor copied to pinned CPU memory on the side stream, and back on demand, with no host sync."""
+    """A device tensor copied to pinned CPU memory on the side stream, and back on demand, with no host sync.
+
+    Every device tensor involved belongs to the compute stream: the copy out keeps its source alive until the
+    compute stream waited for the copy (`CopiesInFlight`); the copy back writes into memory allocated on the
+    compute stream, after the copy stream waited for the compute stream's work so far (the block's earlier
+    users), and the compute stream waits for the copy before it reads. No `record_stream`, no side-stream
+    memory pool."""
 
     def __init__(self, tensor: torch.Tensor):
         stream = _copy_stream(tensor.device)
@@ -315,27 +371,29 @@ class HostCopy:
         self.host: torch.Tensor | None = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         with torch.cuda.stream(stream):
             self.host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(stream)  # the allocator must not reuse it before the copy is done
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        _copies_in_flight(tensor.device).hold(tensor, copied)
         self.gpu: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
 
     def prefetch(self) -> None:
-        """Start the copy back to the GPU on the side stream (once), queued after the copy out."""
+        """Start the copy back to the GPU on the side stream (once); it starts when the compute stream gets here."""
         if self.gpu is not None or self.host is None:
             return
-        stream = _copy_stream(self.device)
+        compute, stream = torch.cuda.current_stream(self.device), _copy_stream(self.device)
+        self.gpu = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        stream.wait_stream(compute)
         with torch.cuda.stream(stream):
-            self.gpu = self.host.to(self.device, non_blocking=True)
+            self.gpu.copy_(self.host, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record(stream)
 
     def take(self) -> torch.Tensor:
         """The tensor back on the GPU, ready for the compute stream (once)."""
         self.prefetch()
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_event(self.ready)
+        torch.cuda.current_stream(self.device).wait_event(self.ready)
         tensor, self.gpu, self.ready, self.host = self.gpu, None, None, None
-        tensor.record_stream(compute)  # allocated on the side stream, used and freed on the compute stream
         return tensor
 
 
@@ -343,8 +401,8 @@ class UpOutputs:
     """An offloaded layer's `UpOutputStore`: the MLP's up-projection output in pinned CPU memory (a
     `HostCopy`), or kept on the device as it is (`on_device`, for the layer whose backward comes first)."""
 
-    def __init__(self, device: torch.device, on_device: bool):
-        self.device, self.on_device = device, on_device
+    def __init__(self, on_device: bool):
+        self.on_device = on_device
         self.kept: torch.Tensor | HostCopy | None = None
 
     def put(self, up: torch.Tensor) -> None:
@@ -358,10 +416,11 @@ class UpOutputs:
         kept, self.kept = self.kept, None
         if kept is None:
             raise RuntimeError("the recomputed MLP found no up-projection output from its forward")
-        return kept.take() if isinstance(kept, HostCopy) else kept
+        return _take(kept)
 
 
 _streams: dict[torch.device, torch.cuda.Stream] = {}
+_in_flight: dict[torch.device, CopiesInFlight] = {}
 
 
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
@@ -370,15 +429,22 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     return _streams[device]
 
 
-def offloaded_recompute(run, hidden: torch.Tensor, *args, keep_up: str = ""):
+def _copies_in_flight(device: torch.device) -> CopiesInFlight:
+    if device not in _in_flight:
+        _in_flight[device] = CopiesInFlight(device)
+    return _in_flight[device]
+
+
+def offloaded_recompute(run, hidden: torch.Tensor, *args, keep_up: bool = False, first_back: bool = False):
     """transformers' `_gradient_checkpointing_func` signature: run(hidden, *args) -> the layer's output.
-    keep_up: "host" or "device" keeps the MLP's up-projection output there for the recomputation, "" not."""
+    keep_up: keep the MLP's up-projection output aside for the recomputation; first_back: the layer whose
+    backward runs first, which keeps its input (and up output) on the device."""
     if args:
         run = functools.partial(_with_args, run, args)
     previous = hidden.grad_fn if type(hidden.grad_fn) is OffloadedRecompute._backward_cls else None
     if not hidden.requires_grad:  # the first layer's input (frozen embeddings): its adapters still need grads
         hidden = hidden.detach().requires_grad_(True)
-    return OffloadedRecompute.apply(run, hidden, previous, keep_up)
+    return OffloadedRecompute.apply(run, hidden, previous, keep_up, first_back)
 
 
 def _with_args(run, args, hidden):

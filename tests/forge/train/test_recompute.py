@@ -16,6 +16,7 @@ from forge.train.link import LinkSpeed
 from forge.train.memory import free_memory_bytes
 from forge.train.recompute import (
     HEADROOM,
+    HostCopy,
     apply_recompute,
     decoder_layers,
     glu_output_bytes,
@@ -26,6 +27,7 @@ from forge.train.recompute import (
     step_workspace_bytes,
     up_offload_layers,
 )
+from forge.train.recompute import _copies_in_flight as copies_in_flight
 
 # Llama-3.1-8B's shape: the numbers a user of an 80 GB card sees.
 LLAMA_8B = LlamaConfig(
@@ -232,3 +234,38 @@ def test_offloaded_layers_give_the_same_gradients_on_gpu(tiny_llama_dir):
     assert calls == [2, 2]
     for name, grad in reference.items():
         torch.testing.assert_close(offloaded[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def keep_gpu_busy(device: torch.device, ms: float = 5.0) -> None:
+    """Queue about `ms` of bf16 matmuls on the current stream, so that what the host queues next waits."""
+    a = torch.ones(4096, 4096, dtype=torch.bfloat16, device=device)
+    out = torch.empty_like(a)
+    for _ in range(int(ms / 0.2)):
+        torch.mm(a, a, out=out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, copy stream)")
+def test_host_copies_are_exact_while_their_memory_is_reused():
+    """Copies to pinned memory and back on the side stream, the host far ahead of the GPU, and every freed
+    block reused at once for a write on the compute stream: what comes back is what went out. Without the
+    streams' waits the writes overwrite a source before its copy out reads it (forward), or a copy back's
+    destination after it arrived (backward)."""
+    device = torch.device("cuda")
+    n = 32 * 2**20  # 64 MiB of bf16, about 1 ms over PCIe: far slower than a write of the same memory
+    torch.cuda.synchronize()
+    copies = []
+    for i in range(6):  # the forward of six layers: one copy out each
+        copies_in_flight(device).next_layer()
+        keep_gpu_busy(device, 1.0)
+        source = torch.full((n,), float(i), dtype=torch.bfloat16, device=device)
+        copies.append(HostCopy(source))
+        del source
+        torch.empty(n, dtype=torch.bfloat16, device=device).fill_(-1.0)  # a freed source's block, if free
+    copies_in_flight(device).release_all()
+    for i in reversed(range(6)):  # the backward: copies back into blocks whose last write is still queued
+        keep_gpu_busy(device)
+        torch.empty(n, dtype=torch.bfloat16, device=device).fill_(-2.0)
+        copies[i].prefetch()
+        back = copies[i].take()
+        torch.empty(n, dtype=torch.bfloat16, device=device).fill_(-3.0)
+        assert torch.equal(back.unique().cpu(), torch.tensor([float(i)], dtype=torch.bfloat16)), i
