@@ -182,15 +182,17 @@ def plan_recompute(
 
 
 def up_offload_layers(config, tokens: int, act_bytes: int, link: LinkSpeed) -> tuple[int, ...]:
-    """The offloaded layers that also send their MLP's up-projection output to pinned memory: as many of the
-    first layers as the link carries during the forward (a layer's GEMM time at the measured matmul rate,
-    times COPY_SLACK, less its input's copy), and the last layer, which keeps the output on the device."""
+    """The offloaded layers that also send their MLP's up-projection output to pinned memory: as many layers
+    as the link carries during the forward (a layer's GEMM time at the measured matmul rate, times
+    COPY_SLACK, less its input's copy), spread evenly over the layers so that the copies never fall behind
+    by more than about one of them (the forward waits for copies HELD_LAYERS layers old), and the last
+    layer, which keeps the output on the device."""
     hidden, q, kv, inter, layers = _dims(config)
     forward_s = 2 * tokens * (hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter) / link.matmul_flops_per_s
     input_s = layer_input_bytes(config, tokens, act_bytes) / link.copy_bytes_per_s
     up_s = glu_output_bytes(config, tokens, act_bytes) / link.copy_bytes_per_s
-    first = min(layers - 1, max(0, int(layers * (COPY_SLACK * forward_s - input_s) // up_s)))
-    return (*range(first), layers - 1)
+    count = min(layers - 1, max(0, int(layers * (COPY_SLACK * forward_s - input_s) // up_s)))
+    return (*(k * (layers - 1) // count for k in range(count)), layers - 1)
 
 
 def plan_for_model(

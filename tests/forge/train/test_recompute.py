@@ -112,12 +112,14 @@ def test_explicit_settings_and_offload_without_a_gpu():
 
 def test_up_outputs_go_to_pinned_memory_as_far_as_the_link_keeps_pace():
     """H100 (2026-12-06): 55 GB/s and ~750 TFLOP/s carry every layer's 117 MiB at 2 x 2048 within the
-    forward; a link half as fast carries the first layers' only, a slow one none: the last layer keeps its
-    output on the device in every case (no copy)."""
+    forward; a link half as fast carries some layers' only, spread evenly (so the copies never pile up
+    behind the forward), a slow one none: the last layer keeps its output on the device in every case."""
     h100 = up_offload_layers(LLAMA_8B, 4096, 2, LinkSpeed(55e9, 750e12))
     assert h100 == tuple(range(32))
     pcie4 = up_offload_layers(LLAMA_8B, 4096, 2, LinkSpeed(25e9, 750e12))
-    assert 4 < len(pcie4) < 20 and pcie4 == (*range(len(pcie4) - 1), 31)
+    assert 4 < len(pcie4) < 20 and pcie4[-1] == 31 and pcie4[0] == 0
+    gaps = {b - a for a, b in zip(pcie4[:-1], pcie4[1:-1], strict=False)}
+    assert gaps <= {2, 3, 4} and pcie4[-2] >= 26, pcie4  # about every third layer, up to the end
     assert up_offload_layers(LLAMA_8B, 4096, 2, LinkSpeed(1e9, 750e12)) == (31,)
     assert up_offload_layers(LLAMA_8B, 4096, 2, LinkSpeed(25e9, 200e12)) == tuple(range(32))  # slower GEMMs
 
