@@ -421,20 +421,16 @@ class UpOutputs:
         return _take(kept)
 
 
-_streams: dict[torch.device, torch.cuda.Stream] = {}
-_in_flight: dict[torch.device, CopiesInFlight] = {}
-
-
+@functools.cache
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _streams:
-        _streams[device] = torch.cuda.Stream(device)
-    return _streams[device]
+    """The side stream every offload copy of `device` runs on."""
+    return torch.cuda.Stream(device)
 
 
+@functools.cache
 def _copies_in_flight(device: torch.device) -> CopiesInFlight:
-    if device not in _in_flight:
-        _in_flight[device] = CopiesInFlight(device)
-    return _in_flight[device]
+    """`device`'s forward copies whose sources are still held."""
+    return CopiesInFlight(device)
 
 
 def offloaded_recompute(run, hidden: torch.Tensor, *args, keep_up: bool = False, first_back: bool = False):
